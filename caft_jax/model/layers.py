@@ -1,0 +1,257 @@
+"""Decoder building blocks as Flax NNX modules whose parameters carry a leading layer axis.
+
+Every module here is created once for the whole stack (parameters [n_layers, ...]) and called inside
+``jax.lax.scan`` on one layer's slice: ``nnx.merge(graphdef, state_slice)`` rebuilds the module with unstacked
+parameters, so ``__call__`` is written for a single layer. Einsum letters: b batch, t query positions, s key
+positions, d d_model, f d_ff, k kv heads, g query heads per kv head, h head_dim, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from caft_jax.model.spec import ModelSpec
+
+# Logical axes of every parameter, by its name inside the module that owns it. caft_jax.sharding maps these
+# names to mesh axes with one rules table.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "table": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "q_proj": ("layers", "embed", "q_heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "o_proj": ("layers", "q_heads", "embed"),
+    "q_bias": ("layers", "q_heads"),
+    "k_bias": ("layers", "kv_heads"),
+    "v_bias": ("layers", "kv_heads"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "attn_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "post_attn_norm": ("layers", "norm"),
+    "post_mlp_norm": ("layers", "norm"),
+}
+
+# LoRA target name -> (owning submodule, kernel name). Targets follow PEFT's q/k/v/o/gate/up/down.
+LORA_TARGETS: dict[str, tuple[str, str]] = {
+    "q": ("attn", "q_proj"),
+    "k": ("attn", "k_proj"),
+    "v": ("attn", "v_proj"),
+    "o": ("attn", "o_proj"),
+    "gate": ("mlp", "gate_proj"),
+    "up": ("mlp", "up_proj"),
+    "down": ("mlp", "down_proj"),
+}
+
+_PROJ_IDS = {name: i for i, (_, name) in enumerate(LORA_TARGETS.values())}
+_BIG_NEGATIVE = -1e30  # finite, so fully-masked (padding) query rows give a uniform softmax instead of NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """Static LoRA settings the forward needs: output scale and input dropout rate."""
+
+    scale: float
+    dropout: float = 0.0
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, spec: ModelSpec) -> jax.Array:
+    """RMSNorm with statistics in fp32. x [..., d], weight [d]; returns x's dtype.
+
+    Llama casts the normalised value back before scaling by w; Gemma scales by (1 + w) in fp32 and casts after.
+    """
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + spec.norm_eps)
+    if spec.norm_scale_in_fp32:
+        return (xf * (spec.norm_offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return (spec.norm_offset + weight.astype(x.dtype)) * xf.astype(x.dtype)
+
+
+def rotary_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [b, t, head_dim] for the rotate-half convention, computed in fp32 then cast like HF."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [b, t, h/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [b, t, h]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x [b, t, ..., h]; cos/sin [b, t, h] broadcast over the head axes."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    extra = (None,) * (x.ndim - 3)
+    cos = cos[:, :, *extra, :]
+    sin = sin[:, :, *extra, :]
+    return x * cos + rotated * sin
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap); identity when cap is 0."""
+    return x if not cap else cap * jnp.tanh(x / cap)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, kind: str) -> nnx.Param:
+    if kind == "normal":  # HF's initializer_range default
+        return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+    if kind == "ones":
+        return nnx.Param(jnp.ones(shape, dtype))
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linears(nnx.Module):
+    """Shared helper: a projection x @ W (+ LoRA) used by attention and MLP."""
+
+    dtype: Any
+
+    def project(self, x: jax.Array, name: str, lora: dict | None, lora_settings, rng) -> jax.Array:
+        """x [b, t, in] @ W [in, out] -> [b, t, out], plus scale * dropout(x) @ A @ B when `name` has LoRA."""
+        w = getattr(self, name)[...].astype(self.dtype)
+        y = jnp.einsum("bti,io->bto", x, w)
+        if lora is not None and name in lora:
+            a = lora[name]["a"].astype(self.dtype)  # [in, r]
+            b = lora[name]["b"].astype(self.dtype)  # [r, out]
+            if lora_settings.dropout and rng is not None:
+                key = jax.random.fold_in(rng, _PROJ_IDS[name])  # a fixed id: str hash() is salted per process
+                keep = jax.random.bernoulli(key, 1 - lora_settings.dropout, x.shape)
+                x = jnp.where(keep, x / (1 - lora_settings.dropout), 0).astype(x.dtype)
+            y = y + (lora_settings.scale * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", x, a), b)).astype(
+                y.dtype
+            )
+        return y
+
+
+class Attention(Linears):
+    """Grouped-query self-attention with rotary embeddings, optional soft-cap, sliding window and KV cache."""
+
+    def __init__(self, spec: ModelSpec, *, n_stack: int, param_dtype, dtype, rngs: nnx.Rngs):
+        self.spec, self.dtype = spec, dtype
+        d, L = spec.d_model, (n_stack,)
+        self.q_proj = _param(rngs, L + (d, spec.q_dim), param_dtype, "normal")
+        self.k_proj = _param(rngs, L + (d, spec.kv_dim), param_dtype, "normal")
+        self.v_proj = _param(rngs, L + (d, spec.kv_dim), param_dtype, "normal")
+        self.o_proj = _param(rngs, L + (spec.q_dim, d), param_dtype, "normal")
+        if spec.qkv_bias:
+            self.q_bias = _param(rngs, L + (spec.q_dim,), param_dtype, "zeros")
+            self.k_bias = _param(rngs, L + (spec.kv_dim,), param_dtype, "zeros")
+            self.v_bias = _param(rngs, L + (spec.kv_dim,), param_dtype, "zeros")
+
+    def __call__(self, x, *, rope, window, attn_mask, cache, lora, lora_settings, rng):
+        """One layer's attention.
+
+        Args:
+          x: [b, t, d] normalised input.
+          rope: (cos, sin), each [b, t, head_dim].
+          window: scalar int32 sliding window (0 = global).
+          attn_mask: [b, t] bool, True for real tokens.
+          cache: None, or (k [b, S, K, h], v [b, S, K, h], kv_valid [b, S] bool, index scalar int32): the
+            new keys/values are written at slots index..index+t-1, the query at row i sits at slot index+i, and
+            kv_valid (already updated by the caller for this step) marks the slots holding real tokens.
+        Returns:
+          ([b, t, d] output, updated (k, v) or None).
+        """
+        spec = self.spec
+        b, t, _ = x.shape
+        groups = spec.n_heads // spec.n_kv_heads
+        q = self.project(x, "q_proj", lora, lora_settings, rng)
+        k = self.project(x, "k_proj", lora, lora_settings, rng)
+        v = self.project(x, "v_proj", lora, lora_settings, rng)
+        if spec.qkv_bias:
+            q = q + self.q_bias[...].astype(self.dtype)
+            k = k + self.k_bias[...].astype(self.dtype)
+            v = v + self.v_bias[...].astype(self.dtype)
+        q = q.reshape(b, t, spec.n_kv_heads, groups, spec.head_dim)  # [b, t, k, g, h]
+        k = k.reshape(b, t, spec.n_kv_heads, spec.head_dim)  # [b, t, k, h]
+        v = v.reshape(b, t, spec.n_kv_heads, spec.head_dim)  # [b, t, k, h]
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is None:
+            keys, values, kv_valid, q_slot, new_cache = k, v, attn_mask, jnp.arange(t), None
+        else:
+            cache_k, cache_v, kv_valid, index = cache
+            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            q_slot, new_cache = index + jnp.arange(t), (keys, values)
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+        kv_slot = jnp.arange(keys.shape[1])
+
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)  # [b, k, g, t, s]
+        logits = softcap(logits * spec.query_scale, spec.attn_softcap)
+        causal = kv_slot[None, :] <= q_slot[:, None]  # [t, s]
+        in_window = (window == 0) | (q_slot[:, None] - kv_slot[None, :] < window)
+        mask = (causal & in_window)[None, None, None] & kv_valid[:, None, None, None, :]  # [b, 1, 1, t, s]
+        probs = jax.nn.softmax(jnp.where(mask, logits, _BIG_NEGATIVE), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, spec.q_dim)  # [b, t, H*h]
+        return self.project(out, "o_proj", lora, lora_settings, rng), new_cache
+
+
+class MLP(Linears):
+    """Gated MLP: down(act(gate(x)) * up(x)), act = SiLU or tanh-approximated GELU."""
+
+    def __init__(self, spec: ModelSpec, *, n_stack: int, param_dtype, dtype, rngs: nnx.Rngs):
+        self.spec, self.dtype = spec, dtype
+        d, f, L = spec.d_model, spec.d_ff, (n_stack,)
+        self.gate_proj = _param(rngs, L + (d, f), param_dtype, "normal")
+        self.up_proj = _param(rngs, L + (d, f), param_dtype, "normal")
+        self.down_proj = _param(rngs, L + (f, d), param_dtype, "normal")
+
+    def __call__(self, x, *, lora, lora_settings, rng):
+        """x [b, t, d] -> [b, t, d]."""
+        gate = self.project(x, "gate_proj", lora, lora_settings, rng)  # [b, t, f]
+        act = jax.nn.silu(gate) if self.spec.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.project(
+            act * self.project(x, "up_proj", lora, lora_settings, rng), "down_proj", lora, lora_settings, rng
+        )
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder block; Gemma-2 adds post-sublayer ("sandwich") norms before each residual add."""
+
+    def __init__(self, spec: ModelSpec, *, n_stack: int, param_dtype, dtype, rngs: nnx.Rngs):
+        self.spec, self.dtype = spec, dtype
+        kw = dict(n_stack=n_stack, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.attn = Attention(spec, **kw)
+        self.mlp = MLP(spec, **kw)
+        norm_init = "zeros" if spec.norm_offset else "ones"
+        shape = (n_stack, spec.d_model)
+        self.attn_norm = _param(rngs, shape, param_dtype, norm_init)
+        self.mlp_norm = _param(rngs, shape, param_dtype, norm_init)
+        if spec.sandwich_norms:
+            self.post_attn_norm = _param(rngs, shape, param_dtype, norm_init)
+            self.post_mlp_norm = _param(rngs, shape, param_dtype, norm_init)
+
+    def __call__(self, h, *, rope, window, attn_mask, cache, lora, lora_settings, rng, mid_hook):
+        """One decoder layer. h [b, t, d] -> (h [b, t, d] at resid_post, resid_mid [b, t, d], new cache).
+
+        `mid_hook(h)` is applied to the residual between attention and MLP (resid_mid): the ablation site option.
+        """
+        spec = self.spec
+        lora_attn = None if lora is None else lora.get("attn")
+        lora_mlp = None if lora is None else lora.get("mlp")
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        attn_out, new_cache = self.attn(
+            rms_norm(h, self.attn_norm[...], spec),
+            rope=rope,
+            window=window,
+            attn_mask=attn_mask,
+            cache=cache,
+            lora=lora_attn,
+            lora_settings=lora_settings,
+            rng=rngs[0],
+        )
+        if spec.sandwich_norms:
+            attn_out = rms_norm(attn_out, self.post_attn_norm[...], spec)
+        h = mid_hook(h + attn_out)
+        mid = h
+        mlp_out = self.mlp(
+            rms_norm(h, self.mlp_norm[...], spec), lora=lora_mlp, lora_settings=lora_settings, rng=rngs[1]
+        )
+        if spec.sandwich_norms:
+            mlp_out = rms_norm(mlp_out, self.post_mlp_norm[...], spec)
+        return h + mlp_out, mid, new_cache

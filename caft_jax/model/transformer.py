@@ -1,0 +1,302 @@
+"""The one forward function of caft_jax: training, discovery, generation and evaluation all call ``forward``.
+
+The model is a Flax NNX module (``CausalLM``) whose decoder layers are stacked ([n_layers, ...] parameters) and
+run with ``jax.lax.scan``, so compile time does not grow with depth. At every jit boundary the module is split
+into a static graph definition and a plain nested dict of arrays (``Model``), so jitted functions are pure over
+ordinary pytrees. Everything a caller may vary between calls without recompiling (params, LoRA weights, the
+ablation projector, the KV cache, tokens) is a traced argument; what changes the program (capture layers, remat
+policy, LoRA scale) is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from caft_jax.model.layers import DecoderLayer, LoraSettings, rms_norm, rotary_tables, softcap
+from caft_jax.model.spec import ModelSpec, rope_inverse_frequencies
+from caft_jax.projector import Projector, ablate
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only LM for every supported family; family differences come from ``spec``.
+
+    Parameters (nnx.Param): table [V, d]; layers.* [n_layers, ...]; final_norm [d]; lm_head [d, V] if untied.
+    """
+
+    def __init__(self, spec: ModelSpec, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.spec, self.dtype = spec, dtype
+        self.table = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (spec.vocab_size, spec.d_model)).astype(param_dtype)
+        )
+        self.layers = DecoderLayer(spec, n_stack=spec.n_layers, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        norm_init = jnp.zeros if spec.norm_offset else jnp.ones
+        self.final_norm = nnx.Param(norm_init((spec.d_model,), param_dtype))
+        if not spec.tie_embeddings:
+            self.lm_head = nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (spec.d_model, spec.vocab_size)).astype(param_dtype)
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array,
+        attn_mask: jax.Array,
+        projector: Projector | None,
+        lora: dict | None,
+        lora_settings: LoraSettings | None,
+        cache: KVCache | None,
+        capture: Capture | None,
+        remat: str,
+        rng: jax.Array | None,
+        logits: bool,
+        embeds: jax.Array | None = None,
+    ):
+        spec, dtype = self.spec, self.dtype
+        b, t = tokens.shape
+        if embeds is None:
+            h = self.table[...][tokens].astype(dtype)  # [b, t, d]
+            if spec.embed_scale:  # Gemma: the constant is rounded to the activation dtype first, as in HF.
+                h = h * jnp.asarray(math.sqrt(spec.d_model), dtype)
+        else:
+            h = embeds.astype(dtype)
+        inv_freq = jnp.asarray(rope_inverse_frequencies(spec), jnp.float32)
+        rope = rotary_tables(positions, inv_freq, dtype)
+
+        kv_valid = None
+        if cache is not None:  # mark this step's slots, shared by every layer
+            kv_valid = jax.lax.dynamic_update_slice(cache.valid, attn_mask, (0, cache.index))
+
+        n_layers = spec.n_layers
+        layer_graph, layer_params = nnx.split(self.layers)
+        site = projector.site if projector is not None else None
+        capture_slots = np.full((n_layers,), -1, np.int32)
+        if capture is not None:
+            capture_slots[list(capture.layers)] = np.arange(len(capture.layers))
+        xs = {
+            "params": layer_params,
+            "window": jnp.asarray(spec.windows, jnp.int32),
+            "slot": jnp.asarray(capture_slots),
+            "proj": None if projector is None else (projector.basis, projector.offset),
+            "lora": lora,
+            "rng": None if rng is None else jax.random.split(rng, n_layers),
+            "cache": None if cache is None else (cache.k, cache.v),
+        }
+
+        def body(carry, x):
+            h, captured = carry
+            layer = nnx.merge(layer_graph, x["params"])
+            hook = (lambda r: ablate(r, *x["proj"])) if x["proj"] is not None else (lambda r: r)
+            layer_cache = None if cache is None else (*x["cache"], kv_valid, cache.index)
+            h, mid, new_cache = layer(
+                h,
+                rope=rope,
+                window=x["window"],
+                attn_mask=attn_mask,
+                cache=layer_cache,
+                lora=x["lora"],
+                lora_settings=lora_settings,
+                rng=x["rng"],
+                mid_hook=hook if site == "resid_mid" else (lambda r: r),
+            )
+            if site == "resid_post":
+                h = hook(h)
+            if captured is not None:  # write this layer's activation into its slot, if it has one
+                value = mid if capture.site == "resid_mid" else h
+                slot = jnp.maximum(x["slot"], 0)
+                keep = jnp.where(x["slot"] >= 0, value.astype(captured.dtype), captured[slot])
+                captured = jax.lax.dynamic_update_index_in_dim(captured, keep, slot, 0)
+            return (h, captured), new_cache
+
+        if REMAT_POLICIES[remat] is not None or remat == "full":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        captured0 = None
+        if capture is not None:
+            captured0 = jnp.zeros((len(capture.layers), b, t, spec.d_model), capture.dtype or dtype)
+        (h, captured), new_kv = jax.lax.scan(body, (h, captured0), xs)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid, index=cache.index + t)
+        out = None
+        if logits:
+            h = rms_norm(h, self.final_norm[...], spec)
+            head = self.table[...].T if spec.tie_embeddings else self.lm_head[...]  # [d, V]
+            out = jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+            out = softcap(out, spec.final_softcap)
+        return ForwardOutput(logits=out, cache=new_cache, captured=captured)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated KV cache stacked over layers so it rides the scan.
+
+    Attributes:
+      k, v: [n_layers, b, max_len, n_kv_heads, head_dim].
+      valid: [b, max_len] bool, slots holding real (non-pad) tokens.
+      index: scalar int32, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, spec: ModelSpec, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        shape = (spec.n_layers, batch, max_len, spec.n_kv_heads, spec.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """Which residual activations ``forward`` returns (static).
+
+    Attributes:
+      layers: layer indices; output ``captured`` is [len(layers), b, t, d_model] in this order.
+      site: "resid_post" (decoder-layer output, after any ablation there) or "resid_mid".
+      dtype: dtype of the captured activations (default: the compute dtype).
+    """
+
+    layers: tuple[int, ...]
+    site: str = "resid_post"
+    dtype: object = None
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+    """logits [b, t, V] float32 (None when logits=False); cache (KVCache or None); captured [n, b, t, d] or None."""
+
+    logits: jax.Array | None
+    cache: KVCache | None
+    captured: jax.Array | None
+
+
+@flax.struct.dataclass
+class Model:
+    """A model at the jit boundary: static NNX graph definition plus a plain nested dict of parameter arrays.
+
+    ``spec`` and ``dtype`` (compute dtype) duplicate what the graphdef holds, for convenient host-side access.
+    """
+
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    params: dict
+    spec: ModelSpec = flax.struct.field(pytree_node=False)
+    dtype: object = flax.struct.field(pytree_node=False, default=jnp.float32)
+
+    def replace_params(self, params: dict) -> Model:
+        return self.replace(params=params)
+
+
+def init_model(
+    spec: ModelSpec, *, param_dtype=jnp.float32, dtype=jnp.float32, seed: int = 0, abstract: bool = False
+) -> Model:
+    """Create a model with random weights (N(0, 0.02) kernels), or only its shapes when ``abstract``.
+
+    Args:
+      spec: the architecture.
+      param_dtype: storage dtype of parameters (e.g. float32 master weights, or bfloat16).
+      dtype: compute dtype of activations and matmuls (softmax and norms always run in float32).
+      abstract: return jax.ShapeDtypeStruct leaves (no memory), e.g. to build shardings or compile ahead of time.
+    """
+    make = lambda: CausalLM(spec, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))  # noqa: E731
+    module = nnx.eval_shape(make) if abstract else make()
+    graphdef, state = nnx.split(module)
+    return Model(graphdef=graphdef, params=nnx.to_pure_dict(state), spec=spec, dtype=dtype)
+
+
+def embed_tokens(model: Model, tokens: jax.Array) -> jax.Array:
+    """The residual-stream input for ``tokens`` [b, t]: table lookup, times sqrt(d) for Gemma. [b, t, d]."""
+    h = model.params["table"][tokens].astype(model.dtype)
+    if model.spec.embed_scale:
+        h = h * jnp.asarray(math.sqrt(model.spec.d_model), model.dtype)
+    return h
+
+
+def default_positions(attn_mask: jax.Array) -> jax.Array:
+    """Position ids [b, t] for left-padded rows: real tokens count 0, 1, ...; padding gets 0."""
+    return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(
+    model: Model,
+    tokens: jax.Array,
+    *,
+    attn_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    projector: Projector | None = None,
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    cache: KVCache | None = None,
+    capture: Capture | None = None,
+    remat: str = "none",
+    rng: jax.Array | None = None,
+    logits: bool = True,
+    embeds: jax.Array | None = None,
+) -> ForwardOutput:
+    """Run the decoder. Pure: call it under ``jax.jit`` (see ``jit_forward``) or inside a jitted step.
+
+    Args:
+      model: graph definition + parameter dict.
+      tokens: [b, t] int32 token ids (left-padded batches: padding first).
+      attn_mask: [b, t] bool, True for real tokens (default: all True).
+      positions: [b, t] rotary position ids (default: from attn_mask; required with a cache after prefill).
+      projector: concept-ablation projector (traced; a new value never recompiles); None runs the plain model.
+      lora: LoRA weights {"attn"|"mlp": {kernel: {"a": [L, in, r], "b": [L, r, out]}}}, or None.
+      lora_settings: static LoRA scale / dropout (required with lora).
+      cache: KVCache to read and extend (generation), or None.
+      capture: which residual activations to return.
+      remat: "none" | "full" | "dots" rematerialisation policy per layer (training memory).
+      rng: PRNG key for LoRA dropout (None disables dropout).
+      logits: skip the LM head when False (capture-only passes).
+      embeds: [b, t, d] input embeddings used instead of looking up ``tokens`` (for gradients with respect to
+        the inputs). They enter the residual stream as given: like HF's inputs_embeds (transformers 5), they
+        already include Gemma's sqrt(d) scale (see ``embed_tokens``).
+    Returns:
+      ForwardOutput(logits [b, t, V] float32, cache, captured [n, b, t, d]).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+    if attn_mask is None:
+        attn_mask = jnp.ones(tokens.shape, bool)
+    attn_mask = attn_mask.astype(bool)
+    if positions is None:
+        positions = default_positions(attn_mask)
+    if lora is not None and lora_settings is None:
+        raise ValueError("lora weights were given without lora_settings (scale, dropout)")
+    module = nnx.merge(model.graphdef, model.params)
+    return module(
+        tokens,
+        positions=positions,
+        attn_mask=attn_mask,
+        projector=projector,
+        lora=lora,
+        lora_settings=lora_settings,
+        cache=cache,
+        capture=capture,
+        remat=remat,
+        rng=rng,
+        logits=logits,
+        embeds=embeds,
+    )
+
+
+jit_forward = jax.jit(forward, static_argnames=("lora_settings", "capture", "remat", "logits"))

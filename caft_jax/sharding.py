@@ -1,0 +1,117 @@
+"""Mesh construction and the one table that maps logical axis names to mesh axes.
+
+Every array caft_jax places (base params, LoRA params, optimiser state, batches, the projector) gets its
+NamedSharding from ``logical_sharding``: a tuple of logical axis names (see ``caft_jax.model.layers.PARAM_AXES``)
+is mapped through ``RULES`` to mesh axes. A mesh axis is dropped for a dimension it does not divide, so odd
+sizes (e.g. 3 KV heads on a 4-way tp axis) fall back to replication instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from caft_jax.errors import ConfigError
+from caft_jax.model.layers import PARAM_AXES
+
+MESH_AXES = ("data", "fsdp", "tp")
+
+# logical axis -> mesh axes it is split over (None: replicated). FSDP shards weights on d_model; tensor
+# parallelism splits heads, the MLP width and the vocabulary; batches split over data and fsdp.
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": ("fsdp",),
+    "vocab": ("tp",),
+    "q_heads": ("tp",),
+    "kv_heads": ("tp",),
+    "mlp": ("tp",),
+    "layers": None,
+    "norm": None,
+    "lora_rank": None,
+    "directions": None,
+}
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tp) mesh with Auto axis types; one -1 entry takes the remaining devices.
+
+    Raises:
+      ConfigError: if the shape does not use exactly the available devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != 3:
+        raise ConfigError(f"mesh shape must have 3 entries (data, fsdp, tp); got {shape}.")
+    if shape.count(-1) > 1:
+        raise ConfigError(f"mesh shape {shape} has more than one -1.")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = len(devices) // max(known, 1)
+    if math.prod(shape) != len(devices):
+        raise ConfigError(
+            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are available; "
+            "make data * fsdp * tp equal the device count."
+        )
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # CPU or unusual topologies: plain row-major order
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry logical `axes`."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        mesh_axes = RULES.get(name) if name else None
+        picked = []
+        for axis in mesh_axes or ():
+            n = mesh.shape[axis]
+            if axis in used or n == 1 or size % (n * math.prod(mesh.shape[a] for a in picked)):
+                continue
+            picked.append(axis)
+        used.update(picked)
+        spec.append(None if not picked else picked[0] if len(picked) == 1 else tuple(picked))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def param_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its path in the params dict (its last name keys PARAM_AXES).
+
+    LoRA leaves ({..., kernel, "a"|"b"}) inherit the kernel's axes: A [L, in, r] keeps the input axis, B
+    [L, r, out] the output axis, as qwix does.
+    """
+    name = path[-1]
+    if name in ("a", "b") and len(path) >= 2 and path[-2] in PARAM_AXES:
+        layers, inp, out = PARAM_AXES[path[-2]]
+        return (layers, inp, "lora_rank") if name == "a" else (layers, "lora_rank", out)
+    axes = PARAM_AXES.get(name)
+    if axes is None or len(axes) != ndim:
+        return (None,) * ndim
+    return axes
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedSharding for every leaf of a params-like dict (base params, LoRA weights or optimiser moments)."""
+
+    def one(path, leaf):
+        names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+        names = [str(n) for n in names if n is not None]
+        return logical_sharding(param_axes(names, leaf.ndim), leaf.shape, mesh)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

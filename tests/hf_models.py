@@ -1,0 +1,89 @@
+"""Tiny Hugging Face models of every family, built from configs with transformers and saved to temp dirs.
+
+Shared by the tests (imported from conftest fixtures). Norm weights are randomised so Gemma's (1 + w) and
+Llama's w are both exercised; Gemma-2 gets a sliding window shorter than the test sequences and soft-caps small
+enough to be reached.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma2")
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def hf_config(family: str, **overrides):
+    """A tiny transformers config for `family` (GQA by default; pass num_key_value_heads=4 for MHA)."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    kw = dict(COMMON)
+    if family == "llama":
+        cls = LlamaConfig
+        kw.update(
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        )
+    elif family == "qwen2":
+        cls = Qwen2Config
+        kw.update(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    elif family == "mistral":
+        cls = MistralConfig
+        kw.update(sliding_window=24, tie_word_embeddings=False, head_dim=16)
+    elif family == "gemma2":
+        cls = Gemma2Config
+        kw.update(
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=12,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            tie_word_embeddings=True,
+        )
+    else:
+        raise ValueError(family)
+    kw.update(overrides)
+    cfg = cls(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_hf_model(family: str, seed: int = 0, **overrides):
+    """A random-weight transformers model in fp32 eval mode, with non-trivial norm weights and biases."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if family == "gemma2" else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+            else:
+                p.copy_(torch.randn_like(p) * 0.08)
+    return model.float().eval()
+
+
+def save_hf_model(family: str, path, seed: int = 0, **overrides):
+    model = build_hf_model(family, seed, **overrides)
+    model.save_pretrained(path)
+    return model
