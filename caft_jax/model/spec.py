@@ -24,6 +24,21 @@ ARCHITECTURES = {
 }
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' config-class defaults that differ from the generic fallbacks used below: a config.json that omits
+# one of these keys means this value to transformers, so it must mean it to us too.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": {"num_key_value_heads": 32, "max_window_layers": 28},
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
+    "gemma2": {
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 256,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 4096,
+    },
+}
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +139,15 @@ def _rope_fields(cfg: dict) -> dict:
             f"rope type {rope_type!r} in config.json is not implemented; caft_jax supports {', '.join(ROPE_TYPES)}."
         )
     out = {"rope_theta": float(theta), "rope_type": rope_type}
+    needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}.get(rope_type, [])
+    if rope_type == "llama3" and "original_max_position_embeddings" not in merged:  # transformers' fallback
+        merged["original_max_position_embeddings"] = cfg.get("max_position_embeddings")
+        needed.append("original_max_position_embeddings")
+    absent = [k for k in needed if merged.get(k) is None]
+    if absent:
+        raise ConfigError(
+            f"rope type {rope_type!r} in config.json lacks {', '.join(absent)}; add them to rope_parameters."
+        )
     if rope_type in ("linear", "llama3"):
         out["rope_factor"] = float(merged["factor"])
     if rope_type == "llama3":
@@ -184,7 +208,11 @@ def _reject_unsupported(cfg: dict, family: str) -> None:
     if family == "qwen2" and cfg.get("use_sliding_window") and "layer_types" not in cfg:
         pass  # handled by _layer_windows
     if problems:
-        raise ConfigError("config.json cannot be run by caft_jax: " + "; ".join(problems) + ".")
+        raise ConfigError(
+            "config.json cannot be run by caft_jax: "
+            + "; ".join(problems)
+            + ". Use a Llama, Qwen2, Mistral or Gemma-2 checkpoint without these settings."
+        )
 
 
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
@@ -204,6 +232,10 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
             f"Unknown architecture {arch or cfg.get('model_type')!r} in config.json; caft_jax supports "
             f"{', '.join(ARCHITECTURES)}."
         )
+    cfg = {**FAMILY_DEFAULTS.get(family, {}), **cfg}
+    absent = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
+    if absent:
+        raise ConfigError(f"config.json lacks {', '.join(absent)}; use the config.json saved with the weights.")
     _reject_unsupported(cfg, family)
     n_layers = int(cfg["num_hidden_layers"])
     n_heads = int(cfg["num_attention_heads"])
@@ -253,9 +285,12 @@ def load_hf_config(model_dir: str | os.PathLike) -> dict:
         raise ConfigError(f"{path} is missing; the model directory must hold a Hugging Face config.json.")
     try:
         with open(path) as f:
-            return json.load(f)
+            cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); re-download or re-save the model.") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} holds a JSON {type(cfg).__name__}, not an object; re-download or re-save the model.")
+    return cfg
 
 
 def rope_inverse_frequencies(spec: ModelSpec):

@@ -1,0 +1,68 @@
+"""Ablation spec files: the per-layer directions (and optional means) that train.py ablates.
+
+Format: one ``.safetensors`` (or ``.npz``) file with tensors ``directions.{layer}`` [k, d_model] and optionally
+``mean.{layer}`` [d_model]; safetensors metadata (or an ``__metadata__`` entry in npz) holds a JSON string with
+provenance (model, method, selection). Directions need not be orthonormal: ``build_projector`` runs QR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from caft_jax.errors import ProjectorError
+
+
+def save_ablation_spec(
+    path: str | os.PathLike,
+    directions: dict[int, np.ndarray],
+    means: dict[int, np.ndarray] | None = None,
+    metadata: dict | None = None,
+) -> pathlib.Path:
+    """Write directions {layer: [k, d]} and optional means {layer: [d]} with JSON metadata."""
+    path = pathlib.Path(path)
+    tensors = {
+        f"directions.{int(k)}": np.asarray(v, np.float32).reshape(-1, np.shape(v)[-1]) for k, v in directions.items()
+    }
+    tensors.update({f"mean.{int(k)}": np.asarray(v, np.float32) for k, v in (means or {}).items()})
+    meta = json.dumps(metadata or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        np.savez(path, __metadata__=np.asarray(meta), **tensors)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(path), metadata={"caft_jax": meta})
+    return path
+
+
+def load_ablation_spec(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict]:
+    """Read (directions, means, metadata) from a spec file written by ``save_ablation_spec``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ProjectorError(
+            f"Ablation spec {path} does not exist; create one with `python -m caft_jax.discover select`."
+        )
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                tensors = {k: data[k] for k in data.files}
+            meta = json.loads(str(tensors.pop("__metadata__", "{}")))
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("caft_jax", "{}"))
+    except Exception as e:  # noqa: BLE001 - any read failure is a bad file for the user
+        raise ProjectorError(f"Ablation spec {path} could not be read ({e}); regenerate it.") from e
+    directions, means = {}, {}
+    for key, value in tensors.items():
+        kind, _, layer = key.partition(".")
+        if kind not in ("directions", "mean") or not layer.isdigit():
+            raise ProjectorError(f"Ablation spec {path} has an unexpected entry {key!r}; expected directions.<layer>.")
+        (directions if kind == "directions" else means)[int(layer)] = value
+    return directions, means, meta

@@ -1,0 +1,224 @@
+"""The CAFT training step: next-token loss under the ablation projector, sharded and jitted.
+
+One step = gradient accumulation over micro-batches (a ``lax.scan``), a token-weighted mean loss over the whole
+accumulated batch, then clip + AdamW. LoRA mode differentiates only the LoRA tree (the base params are a frozen,
+non-donated input); full fine-tuning is the same step with the whole parameter tree trainable. A step whose loss
+or gradients are not finite leaves the state unchanged and reports ``finite = False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from caft_jax.errors import ConfigError
+from caft_jax.lora import LoraConfig, init_lora
+from caft_jax.model.transformer import Model, forward
+from caft_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from caft_jax.projector import Projector
+from caft_jax.sharding import RULES, replicated, tree_shardings
+
+BATCH_KEYS = ("tokens", "attn_mask", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (checkpointed): step, trainable params, optimiser state, RNG."""
+
+    step: jax.Array
+    trainable: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+def token_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over masked targets, and the number of targets.
+
+    logits [b, t, V] (position j predicts token j + 1); tokens [b, t]; loss_mask [b, t] marks target tokens.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [b, t-1]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+@dataclasses.dataclass
+class CaftTrainer:
+    """Builds and runs the sharded CAFT train step for one model and recipe.
+
+    Args:
+      model: the base model (params already placed, e.g. by ``load_model(..., mesh=mesh)``).
+      optim: optimiser recipe; total_steps: optimiser steps in the run (for the schedule).
+      lora: LoRA config, or None for full fine-tuning.
+      mesh: (data, fsdp, tp) mesh.
+      trainable_dtype: dtype of trainable params and optimiser moments (float32 master weights by default).
+      remat: per-layer rematerialisation policy ("none" | "full" | "dots").
+    """
+
+    model: Model
+    optim: OptimConfig
+    total_steps: int
+    mesh: Mesh
+    lora: LoraConfig | None = None
+    trainable_dtype: Any = jnp.float32
+    remat: str = "none"
+
+    def __post_init__(self):
+        self.tx = make_optimizer(self.optim, self.total_steps)
+        self.schedule = learning_rate_schedule(self.optim, self.total_steps)
+        self._step_fn = None
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def frozen_params(self) -> dict | None:
+        """The base params the step reads but never updates (LoRA mode), else None."""
+        return self.model.params if self.lora is not None else None
+
+    def init_state(self, seed: int = 0) -> TrainState:
+        """Fresh trainable tree (new LoRA, or a float copy of the base params) and optimiser state, sharded."""
+        if self.lora is not None:
+            trainable = init_lora(self.model, self.lora, seed=seed, dtype=self.trainable_dtype)
+        else:
+            trainable = jax.tree.map(lambda x: x.astype(self.trainable_dtype), self.model.params)
+        trainable = jax.device_put(trainable, tree_shardings(trainable, self.mesh))
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_state_shardings(trainable))(trainable)
+        return TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh)),
+            trainable=trainable,
+            opt_state=opt_state,
+            rng=jax.device_put(jax.random.PRNGKey(seed + 1), replicated(self.mesh)),
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state, without allocating it (for checkpoint restore)."""
+        state = jax.eval_shape(lambda: self._abstract_init())
+        shardings = self.state_shardings(state)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+    def _abstract_init(self) -> TrainState:
+        if self.lora is not None:
+            trainable = init_lora(self.model, self.lora, dtype=self.trainable_dtype)
+        else:
+            trainable = jax.tree.map(lambda x: jnp.zeros(x.shape, self.trainable_dtype), self.model.params)
+        return TrainState(jnp.zeros((), jnp.int32), trainable, self.tx.init(trainable), jax.random.PRNGKey(0))
+
+    # ---- shardings ---------------------------------------------------------------------------------------
+    def opt_state_shardings(self, trainable):
+        return tree_shardings(jax.eval_shape(self.tx.init, trainable), self.mesh)
+
+    def state_shardings(self, state: TrainState) -> TrainState:
+        rep = replicated(self.mesh)
+        return TrainState(
+            step=rep,
+            trainable=tree_shardings(state.trainable, self.mesh),
+            opt_state=tree_shardings(state.opt_state, self.mesh),
+            rng=rep,
+        )
+
+    def batch_sharding(self) -> NamedSharding:
+        """Batches are [accum, micro_batch, seq]: rows split over the data and fsdp axes."""
+        return NamedSharding(self.mesh, PartitionSpec(None, RULES["batch"], None))
+
+    def check_batch(self, batch: dict) -> None:
+        rows = batch["tokens"].shape[1]
+        split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if rows % split:
+            raise ConfigError(
+                f"micro-batch of {rows} rows does not divide over data*fsdp={split} devices; "
+                f"make the per-step batch size a multiple of {split}."
+            )
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def loss_and_grads(self, trainable, frozen, batch, projector, rng):
+        """Token-mean loss over all micro-batches of `batch` ([accum, b, t] arrays) and its gradients."""
+        lora_settings = self.lora.settings() if self.lora is not None else None
+
+        def micro_loss(trainable, micro, key):
+            params, lora = (frozen, trainable) if self.lora is not None else (trainable, None)
+            out = forward(
+                self.model.replace(params=params),
+                micro["tokens"],
+                attn_mask=micro["attn_mask"],
+                projector=projector,
+                lora=lora,
+                lora_settings=lora_settings,
+                remat=self.remat,
+                rng=key if (lora_settings and lora_settings.dropout) else None,
+            )
+            return token_losses(out.logits, micro["tokens"], micro["loss_mask"])
+
+        def accumulate(carry, xs):
+            loss_sum, count, grads = carry
+            micro, key = xs
+            (loss, n), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, micro, key)
+            return (loss_sum + loss, count + n, jax.tree.map(jnp.add, grads, g)), None
+
+        accum = batch["tokens"].shape[0]
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        keys = jax.random.split(rng, accum)
+        micro_batches = {k: batch[k] for k in BATCH_KEYS}
+        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), (micro_batches, keys))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+        return loss_sum / denom, count, grads
+
+    def _step(self, state: TrainState, frozen, batch, projector: Projector | None):
+        rng, step_rng = jax.random.split(state.rng)
+        loss, count, grads = self.loss_and_grads(state.trainable, frozen, batch, projector, step_rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)  # a bad step changes nothing
+        metrics = {
+            "loss": loss,
+            "tokens": count,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(state.step),
+            "finite": finite,
+        }
+        return new, metrics
+
+    def compiled_step(self, state: TrainState, projector: Projector | None):
+        """The jitted step with explicit in/out shardings; the train state is donated, frozen params are not."""
+        if self._step_fn is None:
+            state_sh = self.state_shardings(state)
+            frozen = self.frozen_params()
+            frozen_sh = None if frozen is None else tree_shardings(frozen, self.mesh)
+            batch_sh = {k: self.batch_sharding() for k in BATCH_KEYS}
+            proj_sh = None if projector is None else jax.tree.map(lambda _: replicated(self.mesh), projector)
+            self._step_fn = jax.jit(
+                self._step,
+                in_shardings=(state_sh, frozen_sh, batch_sh, proj_sh),
+                out_shardings=(state_sh, replicated(self.mesh)),
+                donate_argnums=(0,),
+            )
+        return self._step_fn
+
+    def place_batch(self, batch: dict) -> dict:
+        """Host numpy batch -> global sharded arrays. Each process passes its own rows (multi-host)."""
+        sharding = self.batch_sharding()
+        out = {}
+        for k in BATCH_KEYS:
+            local = np.asarray(batch[k])
+            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
+            out[k] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        self.check_batch(out)
+        return out
+
+    def step(self, state: TrainState, batch: dict, projector: Projector | None = None):
+        """One optimiser step on `batch` (host arrays [accum, b, t] or already-placed global arrays)."""
+        if isinstance(batch["tokens"], np.ndarray):
+            batch = self.place_batch(batch)
+        if projector is not None:
+            projector = jax.device_put(projector, replicated(self.mesh))
+        return self.compiled_step(state, projector)(state, self.frozen_params(), batch, projector)

@@ -1,0 +1,8 @@
+"""CAFT fine-tuning: `python train.py --config configs/X.yaml [key=value ...] [--resume]` (see caft_jax/cli/train.py)."""
+
+import sys
+
+from caft_jax.cli.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
