@@ -1,4 +1,7 @@
-"""CAFT fine-tuning: `python train.py --config configs/X.yaml [key=value ...] [--resume]` (see caft_jax/cli/train.py)."""
+"""CAFT fine-tuning: `python train.py --config configs/X.yaml [key=value ...] [--resume]`.
+
+See caft_jax/cli/train.py.
+"""
 
 import sys
 

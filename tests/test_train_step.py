@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_ablation import LAYERS, add_authors_hooks, random_directions
+from test_ablation import add_authors_hooks, random_directions
 
 from caft_jax import build_projector, load_model
 from caft_jax.lora import LoraConfig, lora_param_count
@@ -41,7 +41,10 @@ def responses_only_batch(vocab=128, accum=1, rows=2, t=20, seed=0):
     return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss}
 
 
-def make_trainer(model_dir, lora=LoraConfig(rank=4, alpha=8, rslora=True), lr=1e-3, total=10, **kw):
+DEFAULT_LORA = LoraConfig(rank=4, alpha=8, rslora=True)
+
+
+def make_trainer(model_dir, lora=DEFAULT_LORA, lr=1e-3, total=10, **kw):
     mesh = make_mesh((1, -1, 1))
     model = load_model(model_dir, mesh=mesh)
     return CaftTrainer(model, OptimConfig(lr=lr, warmup_steps=0, weight_decay=0.01), total, mesh, lora=lora, **kw)
@@ -84,7 +87,8 @@ def test_lora_step_matches_authors_pytorch_step(family, tiny_models):
                 mod.lora_A["default"].weight.copy_(torch.tensor(np.asarray(ab["a"][layer]).T))
                 mod.lora_B["default"].weight.copy_(torch.tensor(np.asarray(ab["b"][layer]).T))
     handles = add_authors_hooks(ref.base_model.model, directions)
-    tokens, attn, lmask = (torch.tensor(batch[k][0].astype(np.int64) if k == "tokens" else batch[k][0]) for k in ("tokens", "attn_mask", "loss_mask"))
+    tokens = torch.tensor(batch["tokens"][0].astype(np.int64))
+    attn, lmask = torch.tensor(batch["attn_mask"][0]), torch.tensor(batch["loss_mask"][0])
     positions = torch.clamp(attn.long().cumsum(-1) - 1, min=0)
     logits = ref(input_ids=tokens, attention_mask=attn.long(), position_ids=positions).logits
     labels = torch.where(lmask, tokens.long(), -100)[:, 1:]

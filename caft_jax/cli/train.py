@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         (out_dir / "config.yaml").write_text(json.dumps(resolved, indent=2))
         print(
             f"caft_jax: {len(examples)} examples, {total_steps} steps of {rows_per_step} rows "
-            f"({'LoRA r=%d' % cfg.lora.rank if cfg.lora else 'full fine-tuning'}), "
+            f"({f'LoRA r={cfg.lora.rank}' if cfg.lora else 'full fine-tuning'}), "
             f"ablation: {cfg.ablation.spec or 'none'}, mesh {dict(mesh.shape)}",
             flush=True,
         )
