@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from caft_jax.errors import CheckpointError, ConfigError
-from caft_jax.io.hf import hf_param_map
+from caft_jax.io.hf import _leaf, hf_param_map
 from caft_jax.lora import LoraConfig, merge_lora
 from caft_jax.model.layers import LORA_TARGETS
 from caft_jax.model.spec import ARCHITECTURES, ModelSpec
@@ -29,10 +29,10 @@ from caft_jax.model.transformer import Model
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _HF_SUB = {"attn": "self_attn", "mlp": "mlp"}
-_NAME_TO_TARGET = {name: target for target, (_, name) in LORA_TARGETS.items()}
 # PEFT saves without the adapter name; some tools keep ".default" — accept both.
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.lora_([AB])(?:\.default)?\.weight$"
 )
 _SAVABLE = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 
@@ -53,15 +53,9 @@ def _to_host(x) -> np.ndarray:
 
 def _lora_dims(spec: ModelSpec, name: str) -> tuple[int, int]:
     """(in, out) of a LoRA target kernel, from the spec (so an adapter is checked without loading weights)."""
-    return {
-        "q_proj": (spec.d_model, spec.q_dim),
-        "k_proj": (spec.d_model, spec.kv_dim),
-        "v_proj": (spec.d_model, spec.kv_dim),
-        "o_proj": (spec.q_dim, spec.d_model),
-        "gate_proj": (spec.d_model, spec.d_ff),
-        "up_proj": (spec.d_model, spec.d_ff),
-        "down_proj": (spec.d_ff, spec.d_model),
-    }[name]
+    d_in = {"o_proj": spec.q_dim, "down_proj": spec.d_ff}.get(name, spec.d_model)
+    d_out = {"q_proj": spec.q_dim, "k_proj": spec.kv_dim, "v_proj": spec.kv_dim}.get(name, spec.d_model)
+    return d_in, spec.d_ff if name in ("gate_proj", "up_proj") else d_out
 
 
 def _check_lora(lora: dict, cfg: LoraConfig, spec: ModelSpec) -> None:
@@ -109,7 +103,7 @@ def export_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "r": lora_cfg.rank,
-        "lora_alpha": lora_cfg.alpha,
+        "lora_alpha": int(lora_cfg.alpha) if float(lora_cfg.alpha).is_integer() else lora_cfg.alpha,  # PEFT types int
         "use_rslora": lora_cfg.rslora,
         "lora_dropout": lora_cfg.dropout,
         "target_modules": [LORA_TARGETS[t][1] for t in lora_cfg.targets],
@@ -139,37 +133,21 @@ def load_peft_adapter(adapter_dir, model: Model) -> tuple[dict, LoraConfig]:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-export the adapter.") from e
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"{cfg_path} describes a {cfg.get('peft_type')!r} adapter; only LORA adapters can be loaded.")
-    unsupported = [
-        key
-        for key, ok in (
-            ("use_dora", not cfg.get("use_dora")),
-            ("bias", cfg.get("bias", "none") == "none"),
-            ("rank_pattern", not cfg.get("rank_pattern")),
-            ("alpha_pattern", not cfg.get("alpha_pattern")),
-            ("layers_to_transform", cfg.get("layers_to_transform") is None),
-            ("modules_to_save", not cfg.get("modules_to_save")),
-            ("trainable_token_indices", not cfg.get("trainable_token_indices")),
-        )
-        if not ok
-    ]
+    # PEFT features our LoRA tree cannot hold: refuse rather than silently drop them.
+    features = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "trainable_token_indices")
+    unsupported = [k for k in features if cfg.get(k)] + [k for k in ("layers_to_transform",) if cfg.get(k) is not None]
+    unsupported += ["bias"] if cfg.get("bias", "none") != "none" else []
     if unsupported:
         raise ConfigError(f"{cfg_path} uses {', '.join(unsupported)}, which caft_jax's LoRA cannot represent.")
     spec, rank = model.spec, int(cfg.get("r", 8))
     found: dict[tuple[str, str], dict[str, dict[int, np.ndarray]]] = {}
     for key, arr in load_file(weights_path).items():
         m = _KEY.match(key)
-        if (
-            m is None
-            or m.group(3) not in _NAME_TO_TARGET
-            or LORA_TARGETS[_NAME_TO_TARGET[m.group(3)]][0]
-            != {
-                "self_attn": "attn",
-                "mlp": "mlp",
-            }.get(m.group(2))
-        ):
+        if m is None:
             raise CheckpointError(f"{weights_path}: tensor {key} is not a LoRA weight of a q/k/v/o/gate/up/down proj.")
-        sub = "attn" if m.group(2) == "self_attn" else "mlp"
-        found.setdefault((sub, m.group(3)), {"A": {}, "B": {}})[m.group(4)][int(m.group(1))] = arr
+        hf_sub, name = m.group(2).split(".")
+        sub = "attn" if hf_sub == "self_attn" else "mlp"
+        found.setdefault((sub, name), {"A": {}, "B": {}})[m.group(3)][int(m.group(1))] = arr
     if isinstance(cfg.get("target_modules"), list) and set(cfg["target_modules"]) != {n for _, n in found}:
         raise CheckpointError(
             f"{root}: target_modules {cfg['target_modules']} do not match the stored tensors "
@@ -306,41 +284,33 @@ def export_merged(
     out.mkdir(parents=True, exist_ok=True)
     spec, out_dtype = model.spec, None if dtype is None else jnp.dtype(dtype)
     # Plan first (names and sizes from shapes alone) so shards can be named "-0000k-of-0000n" before writing.
+    # The plan is parameter-major, so each stacked leaf is merged once and then sliced layer by layer.
     plan = []  # (hf name, our path, layer index or None, transpose, size in bytes)
     for path, (template, transpose) in hf_param_map(spec).items():
-        leaf = model.params
-        for key in path:
-            leaf = leaf[key]
-        itemsize = (out_dtype or jnp.dtype(leaf.dtype)).itemsize
-        if path[0] == "layers":
-            size = math.prod(leaf.shape[1:]) * itemsize
-            plan += [(template.format(i=i), path, i, transpose, size) for i in range(spec.n_layers)]
-        else:
-            plan.append((template, path, None, transpose, math.prod(leaf.shape) * itemsize))
+        leaf = _leaf(model.params, path)
+        stacked = path[0] == "layers"
+        size = math.prod(leaf.shape[1:] if stacked else leaf.shape) * (out_dtype or jnp.dtype(leaf.dtype)).itemsize
+        plan += [
+            (template.format(i=i), path, i, transpose, size) for i in (range(spec.n_layers) if stacked else [None])
+        ]
     shards: list[list] = [[]]
-    shard_bytes = 0
     for entry in plan:
-        if shards[-1] and shard_bytes + entry[4] > max_shard_bytes:
+        if shards[-1] and sum(e[4] for e in shards[-1]) + entry[4] > max_shard_bytes:
             shards.append([])
-            shard_bytes = 0
         shards[-1].append(entry)
-        shard_bytes += entry[4]
+    cache: dict = {}
 
-    merged: dict[tuple[str, ...], jax.Array] = {}  # one merged stacked kernel at a time, not a full model copy
-
-    def stacked(path: tuple[str, ...]) -> jax.Array:
-        if path not in merged:
-            merged.clear()
-            leaf = model.params
-            for key in path:
-                leaf = leaf[key]
-            if lora is not None and len(path) == 3 and path[2] in lora.get(path[1], {}):
-                one = {path[1]: {path[2]: lora[path[1]][path[2]]}}
-                leaf = merge_lora({"layers": {path[1]: {path[2]: leaf}}}, one, lora_cfg.scale)["layers"][path[1]][
-                    path[2]
-                ]
-            merged[path] = leaf
-        return merged[path]
+    def value(path: tuple[str, ...]) -> jax.Array:
+        """The (LoRA-merged) parameter; only one is cached, so merging never holds a second copy of the model."""
+        if path not in cache:
+            cache.clear()
+            w = _leaf(model.params, path)
+            ab = (lora or {}).get(path[1], {}).get(path[2]) if len(path) == 3 else None  # a LoRA-targeted kernel
+            if ab is not None:
+                merged = merge_lora({"layers": {path[1]: {path[2]: w}}}, {path[1]: {path[2]: ab}}, lora_cfg.scale)
+                w = merged["layers"][path[1]][path[2]]
+            cache[path] = w
+        return cache[path]
 
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     if len(shards) == 1:
@@ -349,7 +319,7 @@ def export_merged(
     for fname, entries in zip(names, shards, strict=True):
         tensors = {}
         for hf_name, path, i, transpose, _ in entries:
-            x = stacked(path) if i is None else stacked(path)[i]
+            x = value(path) if i is None else value(path)[i]
             x = _to_host(x if out_dtype is None else x.astype(out_dtype))
             tensors[hf_name] = np.ascontiguousarray(x.T if transpose else x)
             weight_map[hf_name] = fname

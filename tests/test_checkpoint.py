@@ -43,7 +43,7 @@ def _trainer(rank: int, model=None) -> CaftTrainer:
 
 def _host(tree):
     return jax.tree.map(
-        lambda x: np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x), tree
+        lambda x: np.array(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, copy=True), tree
     )
 
 
@@ -74,6 +74,7 @@ def test_roundtrip_is_exact_and_training_resumes_identically(setup, tmp_path):
         assert mgr.save(1, state, projector=projector, data_position=position, config=CONFIG)
         # The state is donated to the next step straight away: the async save must already hold its own copy.
         state_a, metrics_a = trainer.step(state, batch, projector)
+        print("DELETED", [x.is_deleted() for x in jax.tree.leaves(state)])
         mgr.wait()
         assert mgr.latest_step() == 1
         restored, proj, meta = mgr.restore(None, trainer.abstract_state())
