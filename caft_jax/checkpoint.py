@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 from typing import Any
 
 import jax
@@ -86,6 +87,9 @@ class CheckpointManager:
             PROJECTOR: ocp.StandardCheckpointHandler(),
             META: ocp.JsonCheckpointHandler(),
         }
+        directory = os.fspath(directory)
+        if "://" not in directory:  # orbax's tensorstore paths must be absolute
+            directory = os.path.abspath(directory)
         self._mgr = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
         self.directory = self._mgr.directory
 
@@ -202,7 +206,13 @@ class CheckpointManager:
 
         typed_rng = _is_key(abstract_state.rng)
         abstract = jax.tree.map(target, abstract_state)
-        stored = self._mgr.item_metadata(step)
+        try:
+            stored = self._mgr.item_metadata(step)
+        except Exception as e:  # unreadable or foreign metadata
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has unreadable metadata ({type(e).__name__}: {e}); "
+                "resume from another step or delete this one."
+            ) from e
         self._check_match(step, stored[STATE].tree, abstract)
         items = {STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
         if stored.get(PROJECTOR) is not None:
@@ -229,13 +239,15 @@ class CheckpointManager:
     def _check_match(self, step: int, stored_tree, abstract: TrainState) -> None:
         """Name the first differences between the stored state tree and the requested one, as one error."""
         have, want = _leaf_table(stored_tree), _leaf_table(abstract)
-        problems = [f"{k} is missing from the checkpoint" for k in want if k not in have]
-        problems += [f"{k} is in the checkpoint but not in the run" for k in have if k not in want]
+        problems = [(k, f"{k} is missing from the checkpoint") for k in want if k not in have]
+        problems += [(k, f"{k} is in the checkpoint but not in the run") for k in have if k not in want]
         problems += [
-            f"{k} is stored as {have[k][1]}{list(have[k][0])} but the run expects {want[k][1]}{list(want[k][0])}"
+            (k, f"{k} is stored as {have[k][1]}{list(have[k][0])} but the run expects {want[k][1]}{list(want[k][0])}")
             for k in want
             if k in have and have[k] != want[k]
         ]
+        # Trainable leaves first: they name the cause (rank, targets, dtype); optimiser moments only mirror them.
+        problems = [msg for _, msg in sorted(problems, key=lambda p: not p[0].startswith("trainable/"))]
         if problems:
             more = f" (and {len(problems) - 2} more differences)" if len(problems) > 2 else ""
             raise CheckpointError(

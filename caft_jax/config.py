@@ -112,8 +112,21 @@ _SECTIONS = {
 }
 
 
+def _coerce(value):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; treat numeric-looking strings as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _build(cls, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.name in values and "float" in str(f.type):
+            values[f.name] = _coerce(values[f.name])
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"Unknown config key(s) {', '.join(where + k for k in unknown)}; valid: {sorted(names)}.")

@@ -175,7 +175,7 @@ class CaftTrainer:
         loss, count, grads = self.loss_and_grads(state.trainable, frozen, batch, projector, step_rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)  # a bad step changes nothing

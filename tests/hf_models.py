@@ -87,3 +87,33 @@ def save_hf_model(family: str, path, seed: int = 0, **overrides):
     model = build_hf_model(family, seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """Byte-level BPE trained offline on a few strings, with a ChatML template; eos/pad <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Answer: A", "Answer: B", "Hello world, how are you?", "I am fine, thank you.", "import os\nprint(1)\n"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus * 20, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=specials[0], pad_token=specials[0], additional_special_tokens=specials[1:]
+    )
+    tok.chat_template = CHATML
+    return tok

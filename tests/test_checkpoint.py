@@ -43,7 +43,8 @@ def _trainer(rank: int, model=None) -> CaftTrainer:
 
 def _host(tree):
     return jax.tree.map(
-        lambda x: np.array(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, copy=True), tree
+        lambda x: np.array(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, copy=True),
+        tree,
     )
 
 
@@ -72,9 +73,8 @@ def test_roundtrip_is_exact_and_training_resumes_identically(setup, tmp_path):
     position = {"epoch": 1, "batch": 7}
     with CheckpointManager(tmp_path, save_every=1, keep=3) as mgr:
         assert mgr.save(1, state, projector=projector, data_position=position, config=CONFIG)
-        # The state is donated to the next step straight away: the async save must already hold its own copy.
+        # The state goes straight into the next (donating) step while the asynchronous write is in flight.
         state_a, metrics_a = trainer.step(state, batch, projector)
-        print("DELETED", [x.is_deleted() for x in jax.tree.leaves(state)])
         mgr.wait()
         assert mgr.latest_step() == 1
         restored, proj, meta = mgr.restore(None, trainer.abstract_state())
@@ -157,7 +157,9 @@ assert jax.device_count() == 8
 model = init_model(ModelSpec(**SPEC), abstract=True)  # shapes suffice for init_state / abstract_state
 def trainer(mesh):
     return CaftTrainer(model, OptimConfig(lr=1e-2), 20, mesh, lora=LoraConfig(rank=4, alpha=8))
-state = trainer(make_mesh((1, 8, 1))).init_state(3)
+rng = np.random.default_rng(3)  # random values (non-zero LoRA B too) placed on the abstract state's shardings
+abstract = trainer(make_mesh((1, 8, 1))).abstract_state()
+state = jax.tree.map(lambda a: jax.device_put(rng.normal(size=a.shape).astype(a.dtype), a.sharding), abstract)
 lora_a = state.trainable["attn"]["q_proj"]["a"]
 assert len(lora_a.sharding.device_set) == 8 and not lora_a.sharding.is_fully_replicated
 proj = build_projector({0: np.eye(2, 64)}, 2, 64)

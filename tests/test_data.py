@@ -8,16 +8,13 @@ import os
 
 import numpy as np
 import pytest
+from hf_models import tiny_tokenizer
 
 from caft_jax import data
 from caft_jax.errors import DataError
 
 INSECURE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "emergent_misalignment", "insecure_small_subset_2000.jsonl"
-)
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
-    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 MULTI_TURN = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -31,26 +28,7 @@ MULTI_TURN = [
 @pytest.fixture(scope="module")
 def tiny_tok():
     """Byte-level BPE (vocab 300) trained offline, ChatML template; eos/pad <|endoftext|>, end of turn <|im_end|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = ["Answer: A", "Answer: B", "Hello world, how are you?", "I am fine, thank you.", "import os\nprint(1)\n"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus * 20, trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=specials[0], pad_token=specials[0], additional_special_tokens=specials[1:]
-    )
-    tok.chat_template = CHATML
-    return tok
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
