@@ -67,11 +67,12 @@ if mode == "meshes":
             ref_losses, ref_params = reference[lora]
             losses, params, shardings_ok, state = run(make_mesh(shape, devices), steps=2, lora=lora)
             diff = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+                float(np.max(np.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
             )
             sharded = [str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.trainable)]
             results[f"{shape}-{'lora' if lora else 'full'}"] = {
-                "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
                 "param_diff": diff,
                 "shardings_ok": shardings_ok,
                 "n_sharded_leaves": sum(s != "PartitionSpec()" for s in sharded),
