@@ -45,6 +45,20 @@ def init_distributed(args: argparse.Namespace) -> None:
         jax.distributed.initialize()
 
 
+def tensorboard_writer(log_dir: pathlib.Path):
+    """A TensorBoard SummaryWriter when tensorboardX or torch's tensorboard is installed, else None."""
+    import importlib.util
+
+    for module, needs in (("tensorboardX", "tensorboardX"), ("torch.utils.tensorboard", "tensorboard")):
+        if importlib.util.find_spec(needs) is None:  # don't import torch just to find tensorboard missing
+            continue
+        try:
+            return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(log_dir))
+        except Exception:  # noqa: BLE001 - not installed (or tensorboard missing): JSONL only
+            continue
+    return None
+
+
 def prepare_examples(cfg, tokenizer) -> list[tuple[list[int], list[bool]]]:
     """Tokenised (ids, loss_mask) pairs from the configured JSONL file."""
     from caft_jax import data
@@ -147,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    board = tensorboard_writer(out_dir / "tensorboard") if is_main else None
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     started, tokens_seen, status = time.time(), 0.0, "done"
     epoch, start = position["epoch"], position["batch"]
@@ -175,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
             if metrics_file and step % cfg.log_every == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                    if board is not None:
+                        board.add_scalar(f"train/{key}", record[key], step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:.0f}")
             bar.update(1)
             position = {"epoch": epoch, "batch": index + 1}
@@ -191,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt.wait()
     if metrics_file:
         metrics_file.close()
+    if board is not None:
+        board.close()
     if status == "nan":
         ckpt.close()
         return 3
