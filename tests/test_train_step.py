@@ -233,3 +233,30 @@ def test_recipes_in_configs_are_the_papers():
         0.5,
     )
     assert (gemma.batch_size, gemma.grad_accum, gemma.epochs, gemma.dtype) == (16, 1, 4, "bfloat16")
+
+
+def test_lora_dropout_is_random_but_reproducible(tiny_models):
+    trainer = make_trainer(tiny_models["llama"][0], LoraConfig(rank=4, alpha=8, dropout=0.5))
+    state = trainer.init_state()
+    lora = jax.tree.map(lambda x: x + 0.05, state.trainable)  # non-zero B, so dropout changes the output
+    batch = {k: jnp.asarray(v) for k, v in responses_only_batch().items()}
+    fn = jax.jit(trainer.loss_and_grads)
+    a = float(fn(lora, trainer.model.params, batch, None, jax.random.PRNGKey(0))[0])
+    b = float(fn(lora, trainer.model.params, batch, None, jax.random.PRNGKey(0))[0])
+    c = float(fn(lora, trainer.model.params, batch, None, jax.random.PRNGKey(1))[0])
+    assert a == b and a != c
+
+
+def test_bf16_compute_with_fp32_trainable_params(tiny_models):
+    mesh = make_mesh((1, -1, 1))
+    model = load_model(tiny_models["qwen2"][0], dtype="bfloat16", mesh=mesh)
+    trainer = CaftTrainer(model, OptimConfig(lr=1e-2, warmup_steps=0), 10, mesh, lora=DEFAULT_LORA)
+    state = trainer.init_state()
+    assert {x.dtype for x in jax.tree.leaves(model.params)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
+    losses = []
+    for _ in range(5):
+        state, metrics = trainer.step(state, responses_only_batch())
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
