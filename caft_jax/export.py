@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from caft_jax.errors import CheckpointError, ConfigError
-from caft_jax.io.hf import _leaf, hf_param_map
+from caft_jax.io.hf import get_path, hf_param_map
 from caft_jax.lora import LoraConfig, merge_lora
 from caft_jax.model.layers import LORA_TARGETS
 from caft_jax.model.spec import ARCHITECTURES, ModelSpec
@@ -287,7 +287,7 @@ def export_merged(
     # The plan is parameter-major, so each stacked leaf is merged once and then sliced layer by layer.
     plan = []  # (hf name, our path, layer index or None, transpose, size in bytes)
     for path, (template, transpose) in hf_param_map(spec).items():
-        leaf = _leaf(model.params, path)
+        leaf = get_path(model.params, path)
         stacked = path[0] == "layers"
         size = math.prod(leaf.shape[1:] if stacked else leaf.shape) * (out_dtype or jnp.dtype(leaf.dtype)).itemsize
         plan += [
@@ -304,7 +304,7 @@ def export_merged(
         """The (LoRA-merged) parameter; only one is cached, so merging never holds a second copy of the model."""
         if path not in cache:
             cache.clear()
-            w = _leaf(model.params, path)
+            w = get_path(model.params, path)
             ab = (lora or {}).get(path[1], {}).get(path[2]) if len(path) == 3 else None  # a LoRA-targeted kernel
             if ab is not None:
                 merged = merge_lora({"layers": {path[1]: {path[2]: w}}}, {path[1]: {path[2]: ab}}, lora_cfg.scale)

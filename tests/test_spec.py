@@ -54,28 +54,12 @@ def windows_from_layer_types(hf_cfg) -> tuple[int, ...]:
     return tuple(hf_cfg.sliding_window if t == "sliding_attention" else 0 for t in hf_cfg.layer_types)
 
 
-LLAMA31_V4 = dict(
-    rope_theta=500000.0,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-    max_position_embeddings=131072,
+_LLAMA31_SCALING = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
-LLAMA31_V5 = dict(
-    rope_parameters=dict(
-        rope_type="llama3",
-        rope_theta=500000.0,
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-    max_position_embeddings=131072,
-)
+# the same rope settings in the transformers-4 and the transformers-5 spelling
+LLAMA31_V4 = dict(rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING, max_position_embeddings=131072)
+LLAMA31_V5 = dict(rope_parameters=dict(rope_theta=500000.0, **_LLAMA31_SCALING), max_position_embeddings=131072)
 
 
 @pytest.mark.parametrize(

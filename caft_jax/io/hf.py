@@ -148,7 +148,7 @@ def check_source(source: TensorSource, spec: ModelSpec, abstract_params: dict) -
     """Raise one CheckpointError naming every missing, unexpected or wrongly shaped tensor."""
     missing, wrong, used = [], [], set()
     for path, (template, transpose) in hf_param_map(spec).items():
-        leaf = _leaf(abstract_params, path)
+        leaf = get_path(abstract_params, path)
         want = _expected_shape(path, leaf.shape, transpose)
         names = [template.format(i=i) for i in range(spec.n_layers)] if path[0] == "layers" else [template]
         for name in names:
@@ -178,7 +178,8 @@ def _abbrev(items: list[str], limit: int = 12) -> list[str]:
     return items if len(items) <= limit else items[:limit] + [f"... ({len(items) - limit} more)"]
 
 
-def _leaf(tree: dict, path: Iterable[str]):
+def get_path(tree: dict, path: Iterable[str]):
+    """tree[path[0]][path[1]]... for a nested params dict."""
     for key in path:
         tree = tree[key]
     return tree
@@ -213,9 +214,9 @@ def load_params(source: TensorSource, model: Model, mesh: Mesh | None = None) ->
         shardings = tree_shardings(model.params, mesh)
     params = jax.tree.map(lambda x: x, model.params)  # copy of the nested dict structure
     for path, (template, transpose) in hf_param_map(model.spec).items():
-        parent = _leaf(params, path[:-1])
+        parent = get_path(params, path[:-1])
         parent[path[-1]] = _assemble(
-            source, path, template, transpose, _leaf(model.params, path), _leaf(shardings, path)
+            source, path, template, transpose, get_path(model.params, path), get_path(shardings, path)
         )
     return model.replace(params=params)
 

@@ -200,13 +200,9 @@ def _reject_unsupported(cfg: dict, family: str) -> None:
         problems.append("mlp_bias=true is not implemented")
     if cfg.get("use_bidirectional_attention"):
         problems.append("use_bidirectional_attention=true is not implemented")
-    if (cfg.get("pretraining_tp") or 1) != 1:
-        pass  # tensor-parallel emulation in HF only changes float rounding, not the function computed
     act = _get(cfg, "hidden_activation", "hidden_act", default="silu")
     if act not in ACTIVATIONS:
         problems.append(f"activation {act!r} is not implemented (supported: {', '.join(ACTIVATIONS)})")
-    if family == "qwen2" and cfg.get("use_sliding_window") and "layer_types" not in cfg:
-        pass  # handled by _layer_windows
     if problems:
         raise ConfigError(
             "config.json cannot be run by caft_jax: "
