@@ -183,3 +183,28 @@ def test_projector_is_orthonormal_and_zero_padded():
     np.testing.assert_allclose(basis[1, :, :3].T @ basis[1, :, :3], np.eye(3), atol=1e-6)
     assert np.all(basis[0] == 0) and np.all(basis[1, :, 3:] == 0) and np.all(basis[3, :, 1:] == 0)
     assert list(projector.ranks()) == [0, 3, 0, 1]
+
+
+@pytest.mark.parametrize("site", ["resid_post", "resid_mid"])
+def test_capture_delta_gradient_is_the_activation_gradient(site, tiny_models):
+    """d loss / d capture_delta equals a finite difference of the loss along a random residual perturbation."""
+    model = load_model(tiny_models["gemma2"][0])
+    tokens = jnp.asarray(left_padded_batch(128, t=12)[0])
+    capture = Capture(layers=(0, 2), site=site)
+    mask = jnp.ones(tokens.shape, bool)
+
+    def loss(delta):
+        out = forward(model, tokens, capture=capture, capture_delta=delta)
+        return next_token_loss(out.logits, tokens, mask)
+
+    zero = jnp.zeros((2, *tokens.shape, model.spec.d_model))
+    grad = jax.grad(loss)(zero)
+    direction = jax.random.normal(jax.random.PRNGKey(0), zero.shape)
+    eps = 1e-2
+    fd = (loss(eps * direction) - loss(-eps * direction)) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.sum(grad * direction)), float(fd), rtol=2e-3)
+    # a zero delta changes nothing
+    np.testing.assert_array_equal(
+        np.asarray(forward(model, tokens, capture=capture, capture_delta=zero).logits),
+        np.asarray(forward(model, tokens, capture=capture).logits),
+    )

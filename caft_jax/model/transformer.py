@@ -64,6 +64,7 @@ class CausalLM(nnx.Module):
         rng: jax.Array | None,
         logits: bool,
         embeds: jax.Array | None = None,
+        capture_delta: jax.Array | None = None,
     ):
         spec, dtype = self.spec, self.dtype
         b, t = tokens.shape
@@ -96,10 +97,23 @@ class CausalLM(nnx.Module):
             "cache": None if cache is None else (cache.k, cache.v),
         }
 
+        def at_capture_site(r, x):
+            """Add this layer's capture_delta (zero where the layer is not captured) to the residual r."""
+            if capture_delta is None:
+                return r
+            delta = capture_delta[jnp.maximum(x["slot"], 0)].astype(r.dtype)
+            return r + jnp.where(x["slot"] >= 0, delta, jnp.zeros_like(delta))
+
         def body(carry, x):
             h, captured = carry
             layer = nnx.merge(layer_graph, x["params"])
-            hook = (lambda r: ablate(r, *x["proj"])) if x["proj"] is not None else (lambda r: r)
+            ablate_hook = (lambda r: ablate(r, *x["proj"])) if x["proj"] is not None else (lambda r: r)
+            mid_site = capture is not None and capture.site == "resid_mid"
+
+            def mid_hook(r):
+                r = ablate_hook(r) if site == "resid_mid" else r
+                return at_capture_site(r, x) if mid_site else r
+
             layer_cache = None if cache is None else (*x["cache"], kv_valid, cache.index)
             h, mid, new_cache = layer(
                 h,
@@ -110,10 +124,12 @@ class CausalLM(nnx.Module):
                 lora=x["lora"],
                 lora_settings=lora_settings,
                 rng=x["rng"],
-                mid_hook=hook if site == "resid_mid" else (lambda r: r),
+                mid_hook=mid_hook,
             )
             if site == "resid_post":
-                h = hook(h)
+                h = ablate_hook(h)
+            if capture is not None and not mid_site:
+                h = at_capture_site(h, x)
             if captured is not None:  # write this layer's activation into its slot, if it has one
                 value = mid if capture.site == "resid_mid" else h
                 slot = jnp.maximum(x["slot"], 0)
@@ -121,7 +137,7 @@ class CausalLM(nnx.Module):
                 captured = jax.lax.dynamic_update_index_in_dim(captured, keep, slot, 0)
             return (h, captured), new_cache
 
-        if REMAT_POLICIES[remat] is not None or remat == "full":
+        if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         captured0 = None
         if capture is not None:
@@ -251,6 +267,7 @@ def forward(
     rng: jax.Array | None = None,
     logits: bool = True,
     embeds: jax.Array | None = None,
+    capture_delta: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder. Pure: call it under ``jax.jit`` (see ``jit_forward``) or inside a jitted step.
 
@@ -270,6 +287,9 @@ def forward(
       embeds: [b, t, d] input embeddings used instead of looking up ``tokens`` (for gradients with respect to
         the inputs). They enter the residual stream as given: like HF's inputs_embeds (transformers 5), they
         already include Gemma's sqrt(d) scale (see ``embed_tokens``).
+      capture_delta: [len(capture.layers), b, t, d] added to the residual at each captured site (after any
+        ablation there, before capturing). Its gradient at zero is d output / d activation, which is what SAE
+        attribution needs; requires ``capture``.
     Returns:
       ForwardOutput(logits [b, t, V] float32, cache, captured [n, b, t, d]).
     """
@@ -280,6 +300,8 @@ def forward(
     attn_mask = attn_mask.astype(bool)
     if positions is None:
         positions = default_positions(attn_mask)
+    if capture_delta is not None and capture is None:
+        raise ValueError("capture_delta needs a capture spec naming the layers it applies to")
     if lora is not None and lora_settings is None:
         raise ValueError("lora weights were given without lora_settings (scale, dropout)")
     module = nnx.merge(model.graphdef, model.params)
@@ -296,6 +318,7 @@ def forward(
         rng=rng,
         logits=logits,
         embeds=embeds,
+        capture_delta=capture_delta,
     )
 
 
