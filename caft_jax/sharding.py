@@ -17,7 +17,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caft_jax.errors import ConfigError
-from caft_jax.model.layers import PARAM_AXES
 
 MESH_AXES = ("data", "fsdp", "tp")
 
@@ -92,6 +91,8 @@ def param_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     LoRA leaves ({..., kernel, "a"|"b"}) inherit the kernel's axes: A [L, in, r] keeps the input axis, B
     [L, r, out] the output axis, as qwix does.
     """
+    from caft_jax.model.layers import PARAM_AXES  # here, not at module level: the model imports this module
+
     name = path[-1]
     if name in ("a", "b") and len(path) >= 2 and path[-2] in PARAM_AXES:
         layers, inp, out = PARAM_AXES[path[-2]]
@@ -111,6 +112,18 @@ def tree_shardings(tree, mesh: Mesh):
         return logical_sharding(param_axes(names, leaf.ndim), leaf.shape, mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    """Pin an activation's sharding by logical axes when a mesh is set (``jax.set_mesh``); a no-op otherwise.
+
+    Without such hints XLA may pick a layout that replicates the batch for a big matmul (e.g. the LM head when
+    d_model is fsdp-sharded), which multiplies the memory for logits by the number of devices.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

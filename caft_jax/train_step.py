@@ -221,4 +221,5 @@ class CaftTrainer:
             batch = self.place_batch(batch)
         if projector is not None:
             projector = jax.device_put(projector, replicated(self.mesh))
-        return self.compiled_step(state, projector)(state, self.frozen_params(), batch, projector)
+        with jax.set_mesh(self.mesh):  # lets the forward pin activation shardings (caft_jax.sharding.constrain)
+            return self.compiled_step(state, projector)(state, self.frozen_params(), batch, projector)

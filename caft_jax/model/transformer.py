@@ -22,6 +22,7 @@ from flax import nnx
 from caft_jax.model.layers import DecoderLayer, LoraSettings, rms_norm, rotary_tables, softcap
 from caft_jax.model.spec import ModelSpec, rope_inverse_frequencies
 from caft_jax.projector import Projector, ablate
+from caft_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "none": None,
@@ -74,6 +75,7 @@ class CausalLM(nnx.Module):
                 h = h * jnp.asarray(math.sqrt(spec.d_model), dtype)
         else:
             h = embeds.astype(dtype)
+        h = constrain(h, "batch", None, None)
         inv_freq = jnp.asarray(rope_inverse_frequencies(spec), jnp.float32)
         rope = rotary_tables(positions, inv_freq, dtype)
 
@@ -130,6 +132,7 @@ class CausalLM(nnx.Module):
                 h = ablate_hook(h)
             if capture is not None and not mid_site:
                 h = at_capture_site(h, x)
+            h = constrain(h, "batch", None, None)
             if captured is not None:  # write this layer's activation into its slot, if it has one
                 value = mid if capture.site == "resid_mid" else h
                 slot = jnp.maximum(x["slot"], 0)
@@ -152,7 +155,7 @@ class CausalLM(nnx.Module):
             h = rms_norm(h, self.final_norm[...], spec)
             head = self.table[...].T if spec.tie_embeddings else self.lm_head[...]  # [d, V]
             out = jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-            out = softcap(out, spec.final_softcap)
+            out = softcap(constrain(out, "batch", None, "vocab"), spec.final_softcap)
         return ForwardOutput(logits=out, cache=new_cache, captured=captured)
 
 

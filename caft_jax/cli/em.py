@@ -1,0 +1,263 @@
+"""`eval.py em`: emergent-misalignment evaluation (sample answers to the EM questions, judge them, aggregate).
+
+    python eval.py em --model PATH [--adapter DIR] [--ablate SPEC] --questions first_plot_questions.yaml \\
+        [--samples 100] [--judge-model gpt-4.1-2025-04-14] [--judge-base-url URL] \\
+        [--judge-api-key-env OPENAI_API_KEY] [--out-dir DIR]
+
+Writes to --out-dir: answers.jsonl and scores.jsonl (appended as they come; a rerun resumes), judge_cache.jsonl,
+run.json (the settings; a rerun with other settings into the same directory is refused), records.jsonl (answers
+with their scores), results.json and results.csv (per question and pooled: misaligned % of coherent answers,
+misaligned % of all answers, coherent %). The judge API key is read from an environment variable only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from caft_jax.errors import CaftError
+
+DEFAULT_JUDGE = "gpt-4.1-2025-04-14"
+
+
+# ---------------------------------------------------------------------------------------------------- shared helpers
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 16) -> None:
+    g = parser.add_argument_group("sampling (paper: temperature 1, top_p 1, 600 tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=600, help="answer length cap")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="rows per jitted generation call")
+    g.add_argument(
+        "--chunk-size", type=int, default=None, help="answers sampled between saves (default: 4 x --batch-size)"
+    )
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("judge (an OpenAI-compatible chat API)")
+    g.add_argument("--judge-model", default=DEFAULT_JUDGE, help="judge model name")
+    g.add_argument(
+        "--judge-base-url", default=None, help="API base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)"
+    )
+    g.add_argument(
+        "--judge-api-key-env",
+        default="OPENAI_API_KEY",
+        help="name of the environment variable holding the judge API key (the key itself is never an argument)",
+    )
+    g.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight at once")
+    g.add_argument("--judge-max-retries", type=int, default=5, help="retries on 429/5xx/connection errors")
+    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--out-dir", default=default_out, help="results directory; rerunning into it resumes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def judge_api_key(args: argparse.Namespace) -> str:
+    """The key from the environment variable named by --judge-api-key-env ('' allowed for a local --judge-base-url)."""
+    name = args.judge_api_key_env
+    key = os.environ.get(name, "")
+    if not key and not args.judge_base_url:
+        raise CaftError(
+            f"The environment variable {name} holding the judge API key is not set; export it, or point "
+            "--judge-base-url at a local server that needs no key."
+        )
+    return key
+
+
+def make_client(args: argparse.Namespace, out_dir: Path):
+    from caft_jax.llm_client import ChatClient
+
+    return ChatClient(
+        args.judge_base_url,
+        args.judge_model,
+        api_key=judge_api_key(args),
+        max_concurrency=args.judge_concurrency,
+        max_retries=args.judge_max_retries,
+        timeout=args.judge_timeout,
+        cache_path=out_dir / "judge_cache.jsonl",
+    )
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    def absolute(p):
+        return None if p is None else str(Path(p).resolve())
+
+    return {
+        "model": absolute(args.model),
+        "adapter": absolute(getattr(args, "adapter", None)),
+        "ablate": absolute(getattr(args, "ablate", None)),
+        "ablate_site": getattr(args, "ablate_site", "resid_post"),
+        "mean_ablation": not getattr(args, "no_mean_ablation", False),
+        "dtype": getattr(args, "dtype", "float32"),
+    }
+
+
+def check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write run.json, or check that the run already in `out_dir` used the same settings (answers must match)."""
+    path = out_dir / "run.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = None
+        if old is not None and old != manifest:
+            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise CaftError(
+                f"{out_dir} holds a run with different settings ({', '.join(changed)}); pass a fresh --out-dir "
+                "or rerun with the original settings to resume."
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def load_model_sampler(args: argparse.Namespace):
+    """Load the model (+ adapter, + test-time ablation) and wrap it as an `evaluate_em` sampler."""
+    from caft_jax.cli.common import load_args
+    from caft_jax.evaluate_em import model_sampler
+    from caft_jax.generate import SamplingConfig
+
+    model, tokenizer, lora, lora_settings, projector = load_args(args)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        greedy=args.temperature == 0,
+        seed=args.seed,
+    )
+    return model_sampler(
+        model,
+        tokenizer,
+        cfg,
+        lora=lora,
+        lora_settings=lora_settings,
+        projector=projector,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+
+
+def chunk_size(args: argparse.Namespace) -> int:
+    n = args.chunk_size if args.chunk_size is not None else 4 * args.batch_size
+    if n < 1:
+        raise CaftError(f"--chunk-size must be at least 1, got {n}.")
+    return n
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------- em
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from caft_jax.cli.common import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--questions", required=True, help="question YAML (first_plot_questions.yaml format)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="answers per question (default: the YAML's samples_per_paraphrase)"
+    )
+    parser.add_argument(
+        "--no-system-prompts",
+        action="store_true",
+        help="ignore the questions' system prompts (the original open_models code never sent them)",
+    )
+    add_sampling_arguments(parser)
+    add_judge_arguments(parser)
+    add_output_arguments(parser, "results/em")
+
+
+def execute(args: argparse.Namespace, sampler) -> dict:
+    """The evaluation proper, with any sampler (`run` passes the model's; tests pass a fake). Returns results."""
+    from caft_jax.evaluate_em import load_questions, run_em_eval
+
+    questions = load_questions(args.questions)
+    if args.samples is not None and args.samples < 1:
+        raise CaftError(f"--samples must be at least 1, got {args.samples}.")
+    out_dir = Path(args.out_dir)
+    settings = {
+        "task": "em",
+        **model_settings(args),
+        "questions": str(Path(args.questions).resolve()),
+        "samples": args.samples,
+        "system_prompts": not args.no_system_prompts,
+        **sampling_settings(args),
+        "judge_model": args.judge_model,
+        "judge_base_url": args.judge_base_url,
+    }
+    client = make_client(args, out_dir)
+    check_manifest(out_dir, settings)
+    res = run_em_eval(
+        questions,
+        sampler,
+        client,
+        out_dir,
+        samples=args.samples,
+        use_system=not args.no_system_prompts,
+        chunk_size=chunk_size(args),
+        progress=not args.no_progress,
+    )
+    results = {"settings": settings, "overall": res["overall"], "per_question": res["per_question"]}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    rows = [{"question_id": q, **m} for q, m in res["per_question"].items()]
+    rows.append({"question_id": "ALL", **res["overall"]})
+    write_csv(out_dir / "results.csv", rows)
+    write_records(out_dir / "records.jsonl", res["records"])
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    # fail on bad files / a missing key before spending minutes loading the model
+    from caft_jax.evaluate_em import load_questions
+
+    load_questions(args.questions)
+    judge_api_key(args)
+    results = execute(args, load_model_sampler(args))
+    o = results["overall"]
+    print(
+        f"{o['n']} answers: misaligned {_fmt(o['misaligned_pct_of_coherent'])}% of coherent, "
+        f"{_fmt(o['misaligned_pct_of_total'])}% of all; coherent {_fmt(o['coherent_pct'])}%  "
+        f"-> {Path(args.out_dir) / 'results.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))

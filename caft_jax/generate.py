@@ -1,0 +1,408 @@
+"""Batched text generation with a preallocated KV cache: prefill and decode in one jitted program.
+
+One call of the jitted ``generate_tokens`` handles one batch:
+
+1. prefill: the left-padded prompt batch, minus its last column, is written into a ``KVCache`` of length
+   ``prompt bucket + max_new_tokens`` (no logits are computed: the LM head over a whole prompt is the largest
+   tensor of the pass and only the last position is needed);
+2. decode: a ``jax.lax.while_loop`` feeds one token per row per step (step 0 feeds the prompt's last token), picks
+   the next token (greedy, temperature or nucleus sampling) and stops when every row has emitted an EOS token or
+   ``max_new_tokens`` tokens.
+
+Left padding puts every row's last prompt token in the same column, so one slice update serves the batch; each
+row's rotary positions continue from its own real-token count. The projector (test-time ablation), LoRA weights,
+sampling temperature and top-p are traced arguments, so none of them recompiles; prompt lengths are rounded up to
+powers of two and the batch size is fixed per call, so a whole evaluation compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from caft_jax.errors import CaftError
+from caft_jax.model.layers import LoraSettings
+from caft_jax.model.transformer import KVCache, Model, default_positions, forward
+from caft_jax.projector import Projector
+
+MIN_BUCKET = 16  # shortest padded prompt: tiny prompts share one program instead of compiling per length
+
+
+class GenerationError(CaftError):
+    """Generation inputs or settings are invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens.
+
+    Attributes:
+      max_new_tokens: generate at most this many tokens per prompt (the paper's EM evaluation: 600).
+      temperature: logits are divided by it before sampling; 0 means greedy.
+      top_p: nucleus sampling; keep the smallest set of most likely tokens whose mass reaches top_p (1 = all).
+      greedy: take the argmax (temperature and top_p are then ignored).
+      seed: base of the per-prompt PRNG keys; a prompt's key depends on (seed, its index in the prompt list)
+        only, so its sample does not change with the batch size or the other prompts.
+    """
+
+    max_new_tokens: int = 600
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def mode(self) -> str:
+        """The static decoding program: "greedy", "sample" (all tokens) or "top_p" (needs a sort per step)."""
+        if self.greedy or self.temperature == 0:
+            return "greedy"
+        return "top_p" if self.top_p < 1.0 else "sample"
+
+
+def prompt_bucket(n: int, min_bucket: int = MIN_BUCKET) -> int:
+    """Padded prompt length: the smallest power of two >= max(n, min_bucket)."""
+    return max(min_bucket, 1 << max(int(n) - 1, 0).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def nucleus_logits(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Set logits outside each row's top-p nucleus to -inf. logits [b, V] float32 -> [b, V].
+
+    The nucleus is the most likely tokens, in order, up to and including the one whose cumulative probability
+    first reaches top_p (as transformers' TopPLogitsWarper); the most likely token is always kept.
+    """
+    desc = -jnp.sort(-logits, axis=-1)  # [b, V] descending
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # [b]
+    cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [b, 1] smallest kept logit
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def select_tokens(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: str
+) -> jax.Array:
+    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys -> [b] int32."""
+    if mode == "greedy":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if mode == "top_p":
+        logits = nucleus_logits(logits, top_p)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The jitted prefill + decode loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("lora_settings", "max_new_tokens", "mode", "record_logits"),
+    donate_argnames=("cache",),
+)
+def generate_tokens(
+    model: Model,
+    tokens: jax.Array,
+    attn_mask: jax.Array,
+    row_valid: jax.Array,
+    keys: jax.Array,
+    cache: KVCache,
+    eos_ids: jax.Array,
+    pad_id: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    projector: Projector | None = None,
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    *,
+    max_new_tokens: int,
+    mode: str,
+    record_logits: bool = False,
+) -> dict[str, jax.Array]:
+    """Prefill a left-padded prompt batch and decode until every row stops.
+
+    Args:
+      model: the model (params traced, graph static).
+      tokens: [b, t] int32 prompt ids, LEFT-padded; every valid row has a real token in column t - 1.
+      attn_mask: [b, t] bool, True on real tokens.
+      row_valid: [b] bool; False rows (filling a partial batch) count as finished from the start.
+      keys: [b] typed PRNG keys, one per row (step s samples with fold_in(key, s)).
+      cache: KVCache of shape (b, >= t + max_new_tokens - 1), fresh from ``KVCache.zeros`` or the "cache" output of
+        the previous call (its contents are ignored); donated, and returned again, so a run of same-shaped batches
+        decodes in one buffer instead of allocating a cache per batch.
+      eos_ids: [n_eos] int32 stop tokens (-1 entries match nothing).
+      pad_id: scalar int32 written after a row stops.
+      temperature, top_p: float32 scalars (traced: changing them does not recompile).
+      projector, lora, lora_settings: as in ``forward``; the same values act in prefill and in every decode step.
+      max_new_tokens, mode ("greedy" | "sample" | "top_p"), record_logits: static.
+    Returns:
+      {"tokens": [b, max_new_tokens] int32 (pad after a row stops; the EOS itself is kept),
+       "lengths": [b] int32 generated tokens per row (EOS included),
+       "stopped": [b] bool, True where the row emitted an EOS,
+       "cache": the KVCache buffers, to donate to the next call of the same shape,
+       "logits": [b, max_new_tokens, V] float32 logits each token was chosen from (only with record_logits)}.
+    """
+    b, t = tokens.shape
+    adapters = dict(projector=projector, lora=lora, lora_settings=lora_settings)
+    positions = default_positions(attn_mask)
+    # A cache reused from the previous batch keeps stale keys and values; clearing ``valid`` hides them all.
+    cache = cache.replace(valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
+    # Prefill all but the last column; the loop's first step feeds the last prompt token and so yields the logits
+    # of the first new token without ever computing the LM head over the prompt.
+    cache = forward(
+        model, tokens[:, :-1], attn_mask=attn_mask[:, :-1], positions=positions[:, :-1], cache=cache, logits=False,
+        **adapters,
+    ).cache
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "cache": cache,
+        "token": tokens[:, -1],
+        "position": positions[:, -1],
+        "done": ~row_valid,
+        "stopped": jnp.zeros((b,), bool),
+        "lengths": jnp.zeros((b,), jnp.int32),
+        "out": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+    }
+    if record_logits:
+        state["logits"] = jnp.zeros((b, max_new_tokens, model.spec.vocab_size), jnp.float32)
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        step = s["step"]
+        out = forward(
+            model,
+            s["token"][:, None],
+            attn_mask=jnp.ones((b, 1), bool),
+            positions=s["position"][:, None],
+            cache=s["cache"],
+            **adapters,
+        )
+        logits = out.logits[:, 0]  # [b, V]
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        chosen = select_tokens(logits, step_keys, temperature, top_p, mode)
+        new = {
+            "step": step + 1,
+            "cache": out.cache,
+            "token": chosen,
+            "position": s["position"] + 1,
+        }
+        live = ~s["done"]
+        emitted = jnp.where(live, chosen, pad_id)
+        is_eos = jnp.any(emitted[:, None] == eos_ids[None, :], axis=-1) & live
+        new["out"] = jax.lax.dynamic_update_slice(s["out"], emitted[:, None], (0, step))
+        new["lengths"] = s["lengths"] + live.astype(jnp.int32)
+        new["stopped"] = s["stopped"] | is_eos
+        new["done"] = s["done"] | is_eos
+        if record_logits:
+            new["logits"] = jax.lax.dynamic_update_slice(s["logits"], logits[:, None], (0, step, 0))
+        return new
+
+    final = jax.lax.while_loop(cond, body, state)
+    result = {k: final[k] for k in ("lengths", "stopped", "cache")}
+    result["tokens"] = final["out"]
+    if record_logits:
+        result["logits"] = final["logits"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: prompts -> batches -> results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool = False, system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt: strings are tokenised (with the chat template + generation prompt when ``chat``);
+    lists of ints are used as they are."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise GenerationError("text prompts need a tokenizer; pass one or give token-id lists.")
+            if chat:
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}
+                ]
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+            else:
+                ids = tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(x) for x in prompt]
+        if not ids:
+            raise GenerationError(f"prompt {i} has no tokens; drop empty prompts.")
+        out.append(list(ids))
+    return out
+
+
+def stop_token_ids(model: Model, tokenizer) -> list[int]:
+    """EOS ids: the model config's eos_token_id(s) plus the tokenizer's eos token."""
+    ids = list(model.spec.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+def _pad_id(model: Model, tokenizer) -> int:
+    if tokenizer is not None:
+        from caft_jax.data import pad_token_id
+
+        return pad_token_id(tokenizer)
+    spec = model.spec
+    return int(spec.pad_token_id if spec.pad_token_id is not None else (spec.eos_token_ids or (0,))[0])
+
+
+def left_pad(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad id lists into tokens [rows, length] int32 and attn_mask [rows, length] bool (extra rows empty)."""
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for r, ids in enumerate(seqs):
+        tokens[r, length - len(ids) :] = ids
+        mask[r, length - len(ids) :] = True
+    return tokens, mask
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices per batch, longest first, so each batch pads to a similar length (results keep input order)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_ids(
+    model: Model,
+    prompt_ids: list[list[int]],
+    cfg: SamplingConfig,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    projector: Projector | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    record_logits: bool = False,
+) -> list[dict]:
+    """Generate from token-id prompts. Returns per prompt {"token_ids", "finish_reason"[, "logits" [n, V]]}."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be at least 1, got {batch_size}.")
+    rows = min(batch_size, len(prompt_ids))
+    base_key = jax.random.key(cfg.seed)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    scalars = dict(
+        pad_id=jnp.int32(pad_id), temperature=jnp.float32(cfg.temperature or 1.0), top_p=jnp.float32(cfg.top_p)
+    )
+    results: list[dict | None] = [None] * len(prompt_ids)
+    cache = None
+    batches = _batches([len(p) for p in prompt_ids], rows)
+    for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        length = prompt_bucket(max(len(prompt_ids[i]) for i in idx))
+        tokens, mask = left_pad([prompt_ids[i] for i in idx], rows, length, pad_id)
+        row_valid = np.arange(rows) < len(idx)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(idx + [0] * (rows - len(idx))))
+        if cache is None or cache.k.shape[2] != length + cfg.max_new_tokens:
+            cache = KVCache.zeros(model.spec, rows, length + cfg.max_new_tokens, dtype=model.dtype)
+        out = generate_tokens(
+            model,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jnp.asarray(row_valid),
+            keys,
+            cache,
+            eos,
+            projector=projector,
+            lora=lora,
+            lora_settings=lora_settings,
+            max_new_tokens=cfg.max_new_tokens,
+            mode=cfg.mode,
+            record_logits=record_logits,
+            **scalars,
+        )
+        cache = out.pop("cache")
+        out = jax.device_get(out)
+        for r, i in enumerate(idx):
+            n = int(out["lengths"][r])
+            results[i] = {
+                "token_ids": [int(x) for x in out["tokens"][r, :n]],
+                "finish_reason": "stop" if out["stopped"][r] else "length",
+            }
+            if record_logits:
+                results[i]["logits"] = out["logits"][r, :n]
+    return results
+
+
+def generate(
+    model: Model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    cfg: SamplingConfig = SamplingConfig(),
+    *,
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    projector: Projector | None = None,
+    batch_size: int = 8,
+    chat: bool = False,
+    system: str | None = None,
+    progress: bool = True,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[dict]:
+    """Generate a continuation of every prompt.
+
+    Args:
+      model, tokenizer: from ``load_model`` / ``load_tokenizer`` (tokenizer may be None for token-id prompts;
+        ``text`` is then None).
+      prompts: strings, or token-id lists used verbatim.
+      cfg: sampling settings.
+      lora, lora_settings: a LoRA adapter (e.g. from ``export.load_peft_adapter``).
+      projector: ablate these directions at test time, in prefill and decode.
+      batch_size: rows per jitted call; a final partial batch is filled with inactive rows.
+      chat: render each string with the chat template and its generation prompt; ``system`` adds a system message.
+      progress: tqdm bar over batches.
+      eos_token_ids: stop tokens (default: the config's eos ids plus the tokenizer's eos).
+    Returns:
+      One dict per prompt, in order: {"prompt": the input, "text": decoded continuation without the EOS and
+      special tokens, "token_ids": generated ids (EOS included when it stopped), "finish_reason": "stop" | "length"}.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    prompt_ids = encode_prompts(tokenizer, prompts, chat=chat, system=system)
+    eos = list(eos_token_ids) if eos_token_ids is not None else stop_token_ids(model, tokenizer)
+    raw = generate_ids(
+        model,
+        prompt_ids,
+        cfg,
+        eos_ids=eos,
+        pad_id=_pad_id(model, tokenizer),
+        lora=lora,
+        lora_settings=lora_settings,
+        projector=projector,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    results = []
+    for prompt, r in zip(prompts, raw, strict=True):
+        ids = r["token_ids"][:-1] if r["finish_reason"] == "stop" else r["token_ids"]
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+        results.append({"prompt": prompt, "text": text, **r})
+    return results
