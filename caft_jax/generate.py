@@ -30,6 +30,7 @@ from caft_jax.model.layers import LoraSettings
 from caft_jax.model.transformer import KVCache, Model, default_positions, forward
 from caft_jax.projector import Projector
 
+MODES = ("greedy", "sample", "top_p")
 MIN_BUCKET = 16  # shortest padded prompt: tiny prompts share one program instead of compiling per length
 
 
@@ -66,7 +67,7 @@ class SamplingConfig:
 
     @property
     def mode(self) -> str:
-        """The static decoding program: "greedy", "sample" (all tokens) or "top_p" (needs a sort per step)."""
+        """How tokens are picked: "greedy", "sample" (from all tokens) or "top_p" (needs a sort per step)."""
         if self.greedy or self.temperature == 0:
             return "greedy"
         return "top_p" if self.top_p < 1.0 else "sample"
@@ -97,15 +98,24 @@ def nucleus_logits(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def select_tokens(
-    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: str
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: jax.Array
 ) -> jax.Array:
-    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys -> [b] int32."""
-    if mode == "greedy":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if mode == "top_p":
-        logits = nucleus_logits(logits, top_p)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys, mode scalar int32 (index into MODES).
+
+    The mode is traced and picked with ``lax.switch``, so greedy and sampled runs share one compiled program and only
+    the chosen branch runs (the nucleus branch sorts the vocabulary every step; the others do not). Returns [b] int32.
+    """
+
+    def greedy(lg):
+        return jnp.argmax(lg, axis=-1).astype(jnp.int32)
+
+    def sample(lg):
+        return jax.vmap(jax.random.categorical)(keys, lg / temperature).astype(jnp.int32)
+
+    def nucleus(lg):
+        return jax.vmap(jax.random.categorical)(keys, nucleus_logits(lg / temperature, top_p)).astype(jnp.int32)
+
+    return jax.lax.switch(mode, (greedy, sample, nucleus), logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,7 +125,7 @@ def select_tokens(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("lora_settings", "max_new_tokens", "mode", "record_logits"),
+    static_argnames=("lora_settings", "max_new_tokens", "record_logits"),
     donate_argnames=("cache",),
 )
 def generate_tokens(
@@ -129,12 +139,12 @@ def generate_tokens(
     pad_id: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
+    mode: jax.Array,
     projector: Projector | None = None,
     lora: dict | None = None,
     lora_settings: LoraSettings | None = None,
     *,
     max_new_tokens: int,
-    mode: str,
     record_logits: bool = False,
 ) -> dict[str, jax.Array]:
     """Prefill a left-padded prompt batch and decode until every row stops.
@@ -150,9 +160,10 @@ def generate_tokens(
         decodes in one buffer instead of allocating a cache per batch.
       eos_ids: [n_eos] int32 stop tokens (-1 entries match nothing).
       pad_id: scalar int32 written after a row stops.
-      temperature, top_p: float32 scalars (traced: changing them does not recompile).
+      temperature, top_p: float32 scalars; mode: int32 scalar, the index of "greedy" | "sample" | "top_p" in MODES.
+        All three are traced: changing them does not recompile.
       projector, lora, lora_settings: as in ``forward``; the same values act in prefill and in every decode step.
-      max_new_tokens, mode ("greedy" | "sample" | "top_p"), record_logits: static.
+      max_new_tokens, record_logits: static.
     Returns:
       {"tokens": [b, max_new_tokens] int32 (pad after a row stops; the EOS itself is kept),
        "lengths": [b] int32 generated tokens per row (EOS included),
@@ -168,7 +179,12 @@ def generate_tokens(
     # Prefill all but the last column; the loop's first step feeds the last prompt token and so yields the logits
     # of the first new token without ever computing the LM head over the prompt.
     cache = forward(
-        model, tokens[:, :-1], attn_mask=attn_mask[:, :-1], positions=positions[:, :-1], cache=cache, logits=False,
+        model,
+        tokens[:, :-1],
+        attn_mask=attn_mask[:, :-1],
+        positions=positions[:, :-1],
+        cache=cache,
+        logits=False,
         **adapters,
     ).cache
     state = {
@@ -287,6 +303,20 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _new_cache(model: Model, rows: int, max_len: int) -> KVCache:
+    """A zero KVCache placed like the cache ``generate_tokens`` returns.
+
+    jit keys its compiled programs on argument placement too: an uncommitted fresh cache and the committed cache
+    that comes back from a call would compile the same program twice. On one device we commit the fresh cache to
+    the model's device; a model sharded over several devices may compile once more on the first reuse.
+    """
+    cache = KVCache.zeros(model.spec, rows, max_len, model.dtype)
+    devices = model.params["table"].devices()
+    if len(devices) == 1:
+        cache = jax.device_put(cache, jax.sharding.SingleDeviceSharding(next(iter(devices))))
+    return cache
+
+
 def generate_ids(
     model: Model,
     prompt_ids: list[list[int]],
@@ -310,7 +340,10 @@ def generate_ids(
     base_key = jax.random.key(cfg.seed)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     scalars = dict(
-        pad_id=jnp.int32(pad_id), temperature=jnp.float32(cfg.temperature or 1.0), top_p=jnp.float32(cfg.top_p)
+        pad_id=jnp.int32(pad_id),
+        temperature=jnp.float32(cfg.temperature or 1.0),  # unused when greedy; avoids dividing by 0
+        top_p=jnp.float32(cfg.top_p),
+        mode=jnp.int32(MODES.index(cfg.mode)),
     )
     results: list[dict | None] = [None] * len(prompt_ids)
     cache = None
@@ -321,7 +354,7 @@ def generate_ids(
         row_valid = np.arange(rows) < len(idx)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(idx + [0] * (rows - len(idx))))
         if cache is None or cache.k.shape[2] != length + cfg.max_new_tokens:
-            cache = KVCache.zeros(model.spec, rows, length + cfg.max_new_tokens, dtype=model.dtype)
+            cache = _new_cache(model, rows, length + cfg.max_new_tokens)
         out = generate_tokens(
             model,
             jnp.asarray(tokens),
@@ -334,7 +367,6 @@ def generate_ids(
             lora=lora,
             lora_settings=lora_settings,
             max_new_tokens=cfg.max_new_tokens,
-            mode=cfg.mode,
             record_logits=record_logits,
             **scalars,
         )

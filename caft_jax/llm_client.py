@@ -281,11 +281,12 @@ class ChatClient:
                 reason = f"HTTP {status}"
                 retry_after = _retry_after_seconds(e)
                 if not retryable:
-                    hint = " (check the API key)" if status in (401, 403) else ""
+                    # auth errors echo (parts of) the key in their message, so they get a fixed text instead
+                    detail = "check the API key" if status in (401, 403) else _short_message(e)
                     raise JudgeError(
                         self._redact(
                             f"The chat API at {self.base_url or 'api.openai.com'} rejected a request for model "
-                            f"{self.model!r} with HTTP {status}{hint}: {_short_message(e)}"
+                            f"{self.model!r} with HTTP {status}: {detail}"
                         )
                     ) from None
             except (openai.APIConnectionError, openai.APITimeoutError) as e:  # timeout subclasses connection error

@@ -13,6 +13,7 @@ from caft_jax.discovery.concepts import (
     clean_directions,
     detect_outliers,
     erasure_check,
+    erasure_check_spec,
     fit_concept,
     inlp_directions,
     keep_mask,
@@ -140,6 +141,10 @@ def test_erasure_check_numbers():
     with pytest.raises(ConceptError, match="d_model"):
         erasure_check(acts[tr], y[tr], acts[te], y[te], np.ones((1, D + 1)))
     np.testing.assert_allclose(project_out(acts[:5], u[None]) @ u, 0.0, atol=1e-12)
+    # a whole spec: layer 3 ablated, layer 4 not in the spec (rank 0, unchanged)
+    spec = erasure_check_spec({3: u[None]}, {3: acts[tr], 4: acts[tr]}, y[tr], {3: acts[te], 4: acts[te]}, y[te])
+    assert spec[3] == result and spec[4]["rank"] == 0
+    assert spec[4]["probe_accuracy_after"] == spec[4]["probe_accuracy_before"]
 
 
 def outlier_data(seed: int = 0):

@@ -18,6 +18,7 @@ from caft_jax.discovery.displays import (
     Context,
     FeatureDisplay,
     iter_texts,
+    latent_encoder,
     load_display_json,
     render_html,
     top_contexts,
@@ -25,6 +26,7 @@ from caft_jax.discovery.displays import (
     write_display_report,
 )
 from caft_jax.discovery.pca import pca_exact
+from caft_jax.discovery.sae import make_sae
 from caft_jax.discovery.select import (
     Selection,
     SelectionError,
@@ -100,7 +102,7 @@ def test_top_contexts_match_brute_force(tiny):
     directions = np.stack([acts[text_star][pos_star], *rng.normal(size=(2, 32))])
     k, window = 4, 6
     displays = top_contexts(
-        model, tok, TEXTS, LAYER, directions, k=k, window=window, batch_size=3, max_len=64, progress=False,
+        model, tok, TEXTS, LAYER, directions, k=k, window=window, batch_size=4, max_len=64, progress=False,
         scores=[0.5, 0.2, 0.1], score_name="explained_variance_ratio",
     )  # fmt: skip
     assert [(f.layer, f.index, f.kind) for f in displays] == [(LAYER, i, "pc") for i in range(3)]
@@ -138,6 +140,28 @@ def test_top_contexts_match_brute_force(tiny):
         assert got == order[:3] or np.allclose(expected_values, 0.0)  # ties at zero may order either way
 
 
+def test_sae_latent_displays(tiny):
+    model, tok = tiny
+    rng = np.random.default_rng(3)
+    w_enc = rng.normal(size=(32, 40)).astype(np.float32)
+    sae = make_sae(w_enc, np.zeros(40), w_enc.T, np.zeros(32), rng.random(40) * 0.2, kind="jumprelu")
+    ids = [3, 17, 29]
+    sub = latent_encoder(sae, ids)
+    x = rng.normal(size=(7, 32)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(sub.encode(x)), np.asarray(sae.encode(x))[:, ids], rtol=1e-5)
+    displays = top_contexts(
+        model, tok, TEXTS, LAYER, sub, k=2, feature_ids=ids, scores=[0.3, 0.2, 0.1], score_name="attribution",
+        batch_size=4, max_len=64, progress=False,
+    )  # fmt: skip
+    _, acts, _ = reference_values(model, tok, lambda a: a)
+    codes = np.asarray(sae.encode(np.concatenate([a[1:] for a in acts]).astype(np.float32)))  # one call, one shape
+    codes = np.split(codes, np.cumsum([len(a) - 1 for a in acts])[:-1])
+    for f, display in zip(ids, displays, strict=True):
+        assert (display.index, display.kind, display.min_contexts) == (f, "latent", [])
+        best = sorted((c[:, f].max() for c in codes), reverse=True)
+        np.testing.assert_allclose([c.peak_value for c in display.max_contexts], best[:2], atol=1e-4)
+
+
 def test_report_is_self_contained_and_json_matches(tiny, tmp_path):
     model, tok = tiny
     corpus = tmp_path / "corpus.jsonl"
@@ -148,7 +172,7 @@ def test_report_is_self_contained_and_json_matches(tiny, tmp_path):
     assert list(iter_texts(txt)) == ["first doc\nline two", "second doc", "third"]
     directions = np.random.default_rng(1).normal(size=(2, 32))
     displays = top_contexts(
-        model, tok, corpus, LAYER, directions, k=3, window=8, batch_size=4, max_len=32, progress=False,
+        model, tok, corpus, LAYER, directions, k=3, window=8, batch_size=4, max_len=64, progress=False,
         scores=[0.3, 0.1], score_name="explained_variance_ratio",
     )  # fmt: skip
     paths = write_display_report(displays, tmp_path / "run", title="PCs <layer 1>")
@@ -156,7 +180,6 @@ def test_report_is_self_contained_and_json_matches(tiny, tmp_path):
     assert not re.search(r"https?:|src=|<script|<link|@import|url\(", page, re.IGNORECASE)
     n_contexts = sum(len(f.max_contexts) + len(f.min_contexts) for f in displays)
     assert n_contexts == 12 and page.count('class="tok peak"') == n_contexts
-    assert "<b>" not in page and "&lt;" in page and "&amp;" in page  # corpus text is escaped
     assert "PCs &lt;layer 1&gt;" in page
     for f in displays:
         assert f.selection_hint == f'"{LAYER}": [{f.index}]'
@@ -172,7 +195,7 @@ def test_report_is_self_contained_and_json_matches(tiny, tmp_path):
     assert isinstance(peak, Context)
 
 
-def pcs_source(n_layers=3, n=20, d=16, seed=0):
+def pcs_source(n_layers=3, n=20, d=32, seed=0):
     rng = np.random.default_rng(seed)
     return {layer: np.linalg.qr(rng.normal(size=(d, n)))[0].T for layer in range(n_layers)}
 
@@ -189,7 +212,7 @@ def test_selection_file_roundtrip_and_baselines(tmp_path):
     directions, means, meta = load_ablation_spec(spec_path)
     assert sorted(directions) == [0, 2] and means == {}
     assert meta["source"] == "selection_file" and meta["ids"] == {"0": [3, 1], "2": [0]}
-    projector = build_projector(directions, 3, 16)
+    projector = build_projector(directions, 3, 32)
     assert list(projector.ranks()) == [2, 0, 1]
 
     # a PCAResult works as a candidate source too
@@ -209,11 +232,11 @@ def test_selection_file_roundtrip_and_baselines(tmp_path):
     seeds = {tuple(random_pcs_like(pcs, {"0": [0, 1, 2]}, seed=s).ids[0]) for s in range(6)}
     assert len(seeds) > 1
 
-    ortho = random_orthonormal(16, {0: 4, 3: 2}, seed=2)
+    ortho = random_orthonormal(32, {0: 4, 3: 2}, seed=2)
     assert ortho.counts() == {0: 4, 3: 2} and ortho.ids is None
     for rows in ortho.directions.values():
         np.testing.assert_allclose(rows @ rows.T, np.eye(len(rows)), atol=1e-6)
-    assert not np.allclose(random_orthonormal(16, {0: 4}, seed=3).directions[0], ortho.directions[0])
+    assert not np.allclose(random_orthonormal(32, {0: 4}, seed=3).directions[0], ortho.directions[0])
 
     with pytest.raises(SelectionError, match="out of range"):
         from_selection_file(pcs, {"0": [25]})
@@ -237,7 +260,7 @@ def test_latent_baselines():
         np.testing.assert_allclose(top.directions[layer], decoders[layer][top.ids[layer]], atol=1e-6)
     glob = top_k_latents(decoders, effects, k=10, per_layer=False)
     assert sum(glob.counts().values()) == 10
-    flat = sorted(((-effects[la][i], la, i) for la in (2, 5) for i in range(300)))[:10]
+    flat = sorted((-effects[la][i], la, i) for la in (2, 5) for i in range(300))[:10]
     assert sorted((la, i) for _, la, i in flat) == sorted((la, i) for la, ids in glob.ids.items() for i in ids)
 
     rand = random_latents(decoders, effects, k=7, seed=0, pool=50)
@@ -330,6 +353,11 @@ def test_autointerp_keeps_features_scoring_above_threshold(tmp_path, monkeypatch
     assert from_autointerp(pcs, records, threshold=80).ids == {0: [0]}
 
 
-def test_render_html_without_contexts():
-    page = render_html([FeatureDisplay(3, 7, "latent", 1.5, "attribution")])
+def test_render_html_escapes_tokens_and_handles_empty_features():
+    ctx = Context(0, 1, ["a", "<b>&", "\n"], [5, 6, 7], [0.5, -1.0, 0.0], 1, -1.0)
+    page = render_html(
+        [FeatureDisplay(3, 7, "latent", 1.5, "attribution"), FeatureDisplay(4, 2, "pc", None, None, [ctx])]
+    )
     assert "no contexts" in page and "&quot;3&quot;: [7]" in page and "attribution = 1.5" in page
+    assert "<b>" not in page and '<span class="tok peak" style="background:rgba(40,90,220,0.800)"' in page
+    assert ">&lt;b&gt;&amp;</span>" in page and "\u21b5" in page  # escaped peak token; newline shown as a glyph

@@ -467,6 +467,7 @@ def test_judge_kwargs_are_the_papers():
 # ---------------------------------------------------------------------------------------------------- real model
 
 
+@pytest.mark.slow
 def test_em_run_on_a_tiny_model(tmp_path, monkeypatch):
     """`eval.py em` through load_for_eval, the chat template and jitted generation, judged by the fake server."""
     from hf_models import save_hf_model, tiny_tokenizer

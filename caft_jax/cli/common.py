@@ -11,10 +11,19 @@ import argparse
 import os
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --adapter, --ablate, --ablate-site, --no-mean-ablation, --dtype (same spelling in every subcommand)."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, several_adapters: bool = False) -> None:
+    """--model, --adapter, --ablate, --ablate-site, --no-mean-ablation, --dtype (same spelling in every subcommand).
+
+    ``several_adapters`` makes --adapter take one or more directories (e.g. one per training seed; args.adapter is
+    then a list or None).
+    """
     parser.add_argument("--model", required=True, help="HF model directory or .gguf file (the base model)")
-    parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied on top of --model")
+    if several_adapters:
+        parser.add_argument(
+            "--adapter", nargs="+", default=None, help="PEFT LoRA adapter directories (e.g. one per seed)"
+        )
+    else:
+        parser.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied on top of --model")
     parser.add_argument(
         "--ablate", default=None, help="ablation spec file (.safetensors/.npz) projected out at test time"
     )
@@ -51,21 +60,26 @@ def load_for_eval(
     Raises:
       CheckpointError / ConfigError / ProjectorError (CaftError) naming the bad path and the fix.
     """
-    import dataclasses
-
     from caft_jax import load_model, load_tokenizer
 
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
     lora = lora_settings = projector = None
     if adapter is not None:
-        from caft_jax.export import load_peft_adapter
-
-        lora, lora_cfg = load_peft_adapter(adapter, model)
-        lora_settings = dataclasses.replace(lora_cfg.settings(), dropout=0.0)
+        lora, lora_settings = load_adapter(adapter, model)
     if ablate is not None:
         projector = load_projector(ablate, model.spec, site=site, mean_ablation=mean_ablation)
     return model, tokenizer, lora, lora_settings, projector
+
+
+def load_adapter(adapter: str | os.PathLike, model):
+    """(lora, lora_settings) of a PEFT adapter directory, with dropout off (evaluation never drops out)."""
+    import dataclasses
+
+    from caft_jax.export import load_peft_adapter
+
+    lora, lora_cfg = load_peft_adapter(adapter, model)
+    return lora, dataclasses.replace(lora_cfg.settings(), dropout=0.0)
 
 
 def load_projector(path: str | os.PathLike, spec, *, site: str = "resid_post", mean_ablation: bool = True):

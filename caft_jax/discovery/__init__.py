@@ -8,6 +8,31 @@ from caft_jax.discovery.capture import (  # noqa: F401
     pair_pca,
     positions_mask,
 )
+from caft_jax.discovery.concepts import (  # noqa: F401
+    ConceptErasure,
+    OutlierRule,
+    Outliers,
+    class_mean_direction,
+    class_mean_directions,
+    clean_directions,
+    detect_outliers,
+    erasure_check,
+    erasure_check_spec,
+    fit_concept,
+    inlp_directions,
+    keep_mask,
+    leace_directions,
+    leace_eraser,
+)
+from caft_jax.discovery.displays import (  # noqa: F401
+    FeatureDisplay,
+    iter_texts,
+    latent_encoder,
+    load_display_json,
+    top_contexts,
+    top_contexts_by_layer,
+    write_display_report,
+)
 from caft_jax.discovery.pca import PCAResult, StreamingPCA, load_pca, pca_exact, pca_layers, save_pca  # noqa: F401
 from caft_jax.discovery.sae import (  # noqa: F401
     SAE,
@@ -19,4 +44,20 @@ from caft_jax.discovery.sae import (  # noqa: F401
     rank_latents,
     sae_attribution,
     sae_on_diff,
+)
+from caft_jax.discovery.select import (  # noqa: F401
+    Selection,
+    autointerp_client,
+    autointerp_scores,
+    fit_concepts,
+    from_autointerp,
+    from_concepts,
+    from_selection_file,
+    probe_guided,
+    random_latents,
+    random_orthonormal,
+    random_pcs_like,
+    read_selection,
+    top_k_latents,
+    top_k_pcs,
 )

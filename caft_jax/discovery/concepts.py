@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -377,6 +377,29 @@ def erasure_check(
         "n_test": len(test),
         "rank": int(q.shape[1]),
     }
+
+
+def erasure_check_spec(
+    directions: Mapping[int, np.ndarray],
+    acts_train: Mapping[int, np.ndarray],
+    labels_train,
+    acts_test: Mapping[int, np.ndarray],
+    labels_test,
+    means: Mapping[int, np.ndarray] | None = None,
+    **kwargs,
+) -> dict[int, dict]:
+    """``erasure_check`` at every layer of ``acts_train`` for a whole spec (directions {layer: [k, d]}).
+
+    Layers absent from ``directions`` are checked with no ablation (before == after). Labels are shared by all
+    layers ([n_train], [n_test]). Returns {layer: erasure_check result}.
+    """
+    out = {}
+    for layer in sorted(int(x) for x in acts_train):
+        d = np.shape(acts_train[layer])[-1]
+        dirs = directions.get(layer, np.zeros((0, d)))
+        mu = (means or {}).get(layer)
+        out[layer] = erasure_check(acts_train[layer], labels_train, acts_test[layer], labels_test, dirs, mu, **kwargs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

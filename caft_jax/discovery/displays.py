@@ -348,8 +348,10 @@ def top_contexts_by_layer(
       model: the model (usually the base model).
       tokenizer: its Hugging Face tokenizer (texts are tokenised with special tokens, truncated to max_len).
       texts: an iterable of strings, or the path of a .jsonl / .txt corpus (see ``iter_texts``).
-      features: {layer: directions [F, d] (PCs / concept directions; value = act @ direction) or an encoder
-        function acts [n, d] -> values [n, F] (e.g. an SAE's encode)}.
+      features: {layer: directions [F, d] (PCs / concept directions; value = act @ direction), an encoder
+        function acts [n, d] -> values [n, F], or an object with such an ``encode`` method (an SAE)}. Values are
+        ranked on the host in float64, so give an SAE restricted to the latents to show (``latent_encoder``)
+        rather than all of its tens of thousands of latents.
       k: contexts kept per feature and side.
       window: tokens per context window.
       site: "resid_post" or "resid_mid".
@@ -380,6 +382,7 @@ def top_contexts_by_layer(
         if not 0 <= layer < spec.n_layers:
             raise DisplayError(f"layer {layer} is out of range; the model has layers 0..{spec.n_layers - 1}.")
     dirs: dict[int, jax.Array] = {}
+    features = {layer: getattr(f, "encode", f) for layer, f in features.items()}  # an SAE object: its encoder
     for layer in layers:
         f = features[layer]
         if not callable(f):
@@ -480,6 +483,17 @@ def _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs) -> l
     return displays
 
 
+def latent_encoder(sae, ids: Sequence[int]):
+    """An SAE restricted to latents ``ids`` (exact: each latent's encoding depends only on its own column).
+
+    Returns an object whose ``encode(acts [n, d]) -> [n, len(ids)]`` matches ``sae.encode(acts)[:, ids]``; pass it
+    as a feature set with ``feature_ids={layer: ids}`` so the report shows the SAE's latent ids.
+    """
+    ids = np.asarray(list(ids), np.int64)
+    threshold = sae.threshold if np.ndim(sae.threshold) == 0 else sae.threshold[ids]
+    return sae.replace(W_enc=sae.W_enc[:, ids], b_enc=sae.b_enc[ids], W_dec=sae.W_dec[ids], threshold=threshold)
+
+
 def top_contexts(
     model: Model,
     tokenizer,
@@ -561,8 +575,8 @@ def _feature_name(f: FeatureDisplay) -> str:
 
 
 def _section_html(f: FeatureDisplay) -> str:
-    all_values = [abs(v) for c in f.max_contexts + f.min_contexts for v in c.values]
-    scale = max(all_values, default=0.0)
+    # scale by the peaks, not every window value: a window may include the (never-peak) attention-sink token
+    scale = max((abs(c.peak_value) for c in f.max_contexts + f.min_contexts), default=0.0)
     score = "" if f.score is None else f" &middot; {html.escape(f.score_name or 'score')} = {f.score:.4g}"
     parts = [
         f'<h2 id="L{f.layer}-F{f.index}">Layer {f.layer} &middot; {_feature_name(f)} {f.index}{score}</h2>',

@@ -215,7 +215,10 @@ def load_pca(path: str | os.PathLike) -> tuple[dict[int, PCAResult], dict]:
         meta = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any read failure means a bad or foreign file
         raise CheckpointError(f"PCA file {path} could not be read ({e}); regenerate it with save_pca.") from e
-    layers = sorted({int(k.rpartition(".")[2]) for k in tensors})
+    suffixes = {k.rpartition(".")[2] for k in tensors}
+    if not all(x.isdigit() for x in suffixes):
+        raise CheckpointError(f"PCA file {path} has entries not named <kind>.<layer>; regenerate it with save_pca.")
+    layers = sorted(int(x) for x in suffixes)
     results = {}
     for layer in layers:
         try:

@@ -1,0 +1,345 @@
+"""`python -m caft_jax.discover pca|sae|concept|display|select|check`: direction discovery from the command line.
+
+Each command writes into ``--out-dir`` (created if needed) and prints what it wrote:
+
+  pca      PCA of (fine-tuned - base) activations on the same tokens  -> pca.safetensors
+  sae      SAE latents ranked by attribution (and activation differences) -> sae_ranking.json
+  concept  supervised concept directions (class mean / LEACE / INLP) from labelled prompts -> ablation_spec.safetensors
+  display  max/min-activating contexts of PCs or SAE latents over a text corpus -> displays.html + displays.json
+  select   an ablation spec from a selection file or a baseline (top-k, random, random orthonormal)
+  check    erasure check of an ablation spec: a fresh probe for the unwanted concept on ablated activations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from caft_jax.errors import CaftError, ConfigError
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--layers must be comma-separated integers like 3,6,9; got {text!r}.") from e
+
+
+def _out(args) -> pathlib.Path:
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _model_and_tokenizer(args):
+    from caft_jax import load_model, load_tokenizer
+
+    return load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
+
+
+def _training_batches(args, tokenizer):
+    """Batches of the discovery data: chat JSONL (answer tokens) or multiple-choice JSONL (prompt + letter)."""
+    from caft_jax import data
+
+    if args.format == "chat":
+        records = data.load_chat_jsonl(args.data)
+        examples = [data.tokenize_chat(tokenizer, r["messages"], args.max_len) for r in records]
+    else:
+        records = data.load_mc_jsonl(args.data)
+        examples = [data.mc_example(tokenizer, r["prompt"], r["target"]) for r in records]
+    examples = examples[: args.limit] if args.limit else examples
+    return list(
+        data.make_batches(
+            examples, args.batch_size, seed=0, epoch=0, pad_id=data.pad_token_id(tokenizer), shuffle=False
+        )
+    )
+
+
+def _labelled_sequences(args, model, tokenizer, layers):
+    """Activations [n_seq, t, d] per layer, attention masks and labels of a {"prompt", "label"} JSONL file."""
+    import jax.numpy as jnp
+
+    from caft_jax import Capture, data, jit_forward
+
+    records = [json.loads(line) for line in open(args.labelled) if line.strip()]
+    if not records or any("prompt" not in r or "label" not in r for r in records):
+        raise ConfigError(f"{args.labelled} must hold JSON lines with 'prompt' and 'label' fields.")
+    records = records[: args.limit] if args.limit else records
+    values = sorted({str(r["label"]) for r in records})
+    labels = np.asarray([values.index(str(r["label"])) for r in records])
+    ids = [tokenizer(r["prompt"])["input_ids"][: args.max_len] for r in records]
+    length = data.Bucketer().length_for(max(len(i) for i in ids))
+    batch = data.pad_and_stack(ids, [[False] * len(i) for i in ids], length, data.pad_token_id(tokenizer))
+    acts = {layer: [] for layer in layers}
+    for lo in range(0, len(ids), args.batch_size):
+        tokens = jnp.asarray(batch["tokens"][lo : lo + args.batch_size])
+        mask = jnp.asarray(batch["attn_mask"][lo : lo + args.batch_size])
+        out = jit_forward(model, tokens, attn_mask=mask, capture=Capture(tuple(layers), args.site), logits=False)
+        for slot, layer in enumerate(layers):
+            acts[layer].append(np.asarray(out.captured[slot], np.float32))
+    return {k: np.concatenate(v) for k, v in acts.items()}, batch["attn_mask"], labels, values
+
+
+def cmd_pca(args) -> int:
+    from caft_jax.discovery.capture import pair_pca
+    from caft_jax.discovery.pca import save_pca
+    from caft_jax.export import load_peft_adapter
+
+    model, tokenizer = _model_and_tokenizer(args)
+    if args.adapter:
+        tuned, lora_cfg = load_peft_adapter(args.adapter, model)
+        settings = lora_cfg.settings()
+    elif args.tuned:
+        from caft_jax import load_model
+
+        tuned, settings = load_model(args.tuned, dtype=args.dtype), None
+    else:
+        raise ConfigError("pca needs the fine-tuned model: pass --adapter DIR (PEFT) or --tuned MODEL_DIR.")
+    layers = _layers(args.layers)
+    results = pair_pca(
+        model,
+        tuned,
+        _training_batches(args, tokenizer),
+        layers,
+        n_components=args.n_components,
+        lora_settings=settings,
+        site=args.site,
+        mask=args.mask,
+        exclude_first=args.exclude_sink,
+    )
+    meta = dict(
+        model=args.model,
+        adapter=args.adapter or args.tuned,
+        layers=layers,
+        data=args.data,
+        mask=args.mask,
+        site=args.site,
+        token_count=int(next(iter(results.values())).n_tokens),
+        exclude_sink=args.exclude_sink,
+    )
+    path = save_pca(_out(args) / "pca.safetensors", results, meta)
+    for layer, r in results.items():
+        print(
+            f"layer {layer}: {r.n_tokens} tokens; explained variance ratio of the top 5: "
+            f"{np.round(r.explained_variance_ratio[:5], 3).tolist()}"
+        )
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sae(args) -> int:
+    from caft_jax.discovery.sae import letter_batches, load_sae, rank_latents, sae_attribution
+
+    model, tokenizer = _model_and_tokenizer(args)
+    saes = {}
+    for item in args.sae:
+        layer, _, path = item.partition("=")
+        saes[int(layer)] = load_sae(path)
+    if args.metric == "logit_diff":
+        from caft_jax import data
+
+        records = data.load_mc_jsonl(args.data)[: args.limit or None]
+        batches = letter_batches(
+            tokenizer,
+            [r["prompt"] for r in records],
+            [r["target"] for r in records],
+            [r["other"] for r in records],
+            batch_size=args.batch_size,
+            pad_id=data.pad_token_id(tokenizer),
+        )
+    else:
+        batches = _training_batches(args, tokenizer)
+    effects = sae_attribution(model, saes, batches, metric=args.metric, site=args.site)
+    ranking = rank_latents(effects, args.top_k, per_layer=not args.global_top_k)
+    out = _out(args)
+    np.savez(out / "sae_effects.npz", **{f"layer_{k}": v for k, v in effects.items()})
+    report = {
+        str(layer): [{"latent": int(i), "effect": float(effects[layer][i])} for i in ids]
+        for layer, ids in ranking.items()
+    }
+    (out / "sae_ranking.json").write_text(json.dumps({"metric": args.metric, "ranking": report}, indent=2))
+    print(f"wrote {out / 'sae_ranking.json'} and {out / 'sae_effects.npz'}")
+    return 0
+
+
+def cmd_concept(args) -> int:
+    from caft_jax.discovery.select import fit_concepts, from_concepts
+
+    model, tokenizer = _model_and_tokenizer(args)
+    layers = _layers(args.layers)
+    acts, mask, labels, values = _labelled_sequences(args, model, tokenizer, layers)
+    erasures = fit_concepts(acts, labels, mask, method=args.method)
+    selection = from_concepts(erasures, mean_ablation=args.mean_ablation)
+    path = selection.save(
+        _out(args) / "ablation_spec.safetensors", {"model": args.model, "labels": values, "data": args.labelled}
+    )
+    for layer, e in erasures.items():
+        print(f"layer {layer}: {len(e.directions)} direction(s); outliers: {json.dumps(e.info.get('outliers', {}))}")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_display(args) -> int:
+    from caft_jax.discovery.displays import top_contexts_by_layer, write_display_report
+    from caft_jax.discovery.pca import load_pca
+
+    model, tokenizer = _model_and_tokenizer(args)
+    results, _ = load_pca(args.pca)
+    layers = _layers(args.layers) if args.layers else sorted(results)
+    features = {layer: results[layer].components[: args.n_features] for layer in layers}
+    scores = {layer: results[layer].explained_variance_ratio[: args.n_features] for layer in layers}
+    displays = top_contexts_by_layer(
+        model,
+        tokenizer,
+        args.corpus,
+        features,
+        k=args.k,
+        window=args.window,
+        site=args.site,
+        scores=scores,
+        score_name="explained variance ratio",
+        max_texts=args.limit or None,
+    )
+    paths = write_display_report(displays, _out(args), title=f"PCs of {args.pca}")
+    print(f"wrote {paths['html']} and {paths['json']}")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from caft_jax.discovery import select
+    from caft_jax.discovery.pca import load_pca
+
+    pcs = load_pca(args.pca)
+    if args.selection:
+        chosen = select.from_selection_file(pcs, select.read_selection(args.selection))
+    elif args.top_k:
+        chosen = select.top_k_pcs(pcs, args.top_k, layers=_layers(args.layers) if args.layers else None)
+    elif args.random_like:
+        chosen = select.random_pcs_like(pcs, select.read_selection(args.random_like), seed=args.seed)
+    elif args.random_orthonormal:
+        counts = select.read_selection(args.random_orthonormal)
+        d_model = next(iter(pcs[0].values())).components.shape[1]
+        chosen = select.random_orthonormal(d_model, {k: len(v) for k, v in counts.items()}, seed=args.seed)
+    else:
+        raise ConfigError("select needs one of --selection, --top-k, --random-like or --random-orthonormal.")
+    path = chosen.save(_out(args) / args.name)
+    print(f"wrote {path} ({chosen.counts()} directions per layer)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.concepts import erasure_check
+
+    model, tokenizer = _model_and_tokenizer(args)
+    directions, means, _ = load_ablation_spec(args.spec)
+    layers = sorted(directions)
+    acts, mask, labels, _ = _labelled_sequences(args, model, tokenizer, layers)
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(labels))
+    train, test = order[: len(order) // 2], order[len(order) // 2 :]
+    report = {}
+    for layer in layers:
+        # one pooled vector per sequence: the mean over its real tokens (the probe's view of the concept)
+        pooled = (acts[layer] * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+        report[str(layer)] = erasure_check(
+            pooled[train], labels[train], pooled[test], labels[test], directions[layer], means.get(layer)
+        )
+        r = report[str(layer)]
+        print(
+            f"layer {layer}: probe accuracy {r['probe_accuracy_before']:.3f} -> {r['probe_accuracy_after']:.3f} "
+            f"(chance {r['chance']:.3f})"
+        )
+    path = _out(args) / "erasure_check.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m caft_jax.discover", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("--model", required=True, help="base model: HF directory or .gguf")
+            p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--out-dir", required=True)
+        p.add_argument("--site", default="resid_post", choices=["resid_post", "resid_mid"])
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-len", type=int, default=512)
+        p.add_argument("--limit", type=int, default=0, help="use only the first N records (0 = all)")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("pca", help="PCA of fine-tuned minus base activations")
+    common(p)
+    p.add_argument("--adapter", help="PEFT adapter of the fine-tuned model")
+    p.add_argument("--tuned", help="or: the fine-tuned model directory")
+    p.add_argument("--data", required=True, help="chat or multiple-choice JSONL")
+    p.add_argument("--format", default="chat", choices=["chat", "mc"])
+    p.add_argument("--layers", required=True, help="comma-separated, e.g. 12,32,50")
+    p.add_argument("--mask", default="answer", choices=["answer", "nonpad"])
+    p.add_argument("--n-components", type=int, default=20)
+    p.add_argument("--exclude-sink", action="store_true", help="leave out each sequence's first token")
+    p.set_defaults(run=cmd_pca)
+
+    p = sub.add_parser("sae", help="rank SAE latents by attribution")
+    common(p)
+    p.add_argument("--sae", action="append", required=True, help="LAYER=PATH (ae.pt dir or params.npz); repeat")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", default="chat", choices=["chat", "mc"])
+    p.add_argument("--metric", default="ce", choices=["ce", "logit_diff"])
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--global-top-k", action="store_true", help="one top-k across layers instead of per layer")
+    p.set_defaults(run=cmd_sae)
+
+    p = sub.add_parser("concept", help="supervised concept directions from labelled prompts")
+    common(p)
+    p.add_argument("--labelled", required=True, help='JSONL of {"prompt": ..., "label": ...}')
+    p.add_argument("--layers", required=True)
+    p.add_argument("--method", default="leace", choices=["class_mean", "leace", "inlp"])
+    p.add_argument("--mean-ablation", action="store_true", help="store per-layer means (mean-ablation)")
+    p.set_defaults(run=cmd_concept)
+
+    p = sub.add_parser("display", help="max/min-activating contexts of PCs")
+    common(p)
+    p.add_argument("--pca", required=True, help="pca.safetensors from the pca command")
+    p.add_argument("--corpus", required=True, help="text or JSONL corpus")
+    p.add_argument("--layers", default="")
+    p.add_argument("--n-features", type=int, default=20)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--window", type=int, default=16)
+    p.set_defaults(run=cmd_display)
+
+    p = sub.add_parser("select", help="write an ablation spec")
+    common(p, model=False)
+    p.add_argument("--pca", required=True)
+    p.add_argument("--selection", help='JSON {"layer": [ids]} written by a person')
+    p.add_argument("--top-k", type=int, default=0, help="baseline: top-k PCs per layer")
+    p.add_argument("--layers", default="")
+    p.add_argument("--random-like", help="baseline: random PCs with the counts of this selection file")
+    p.add_argument("--random-orthonormal", help="baseline: random orthonormal vectors with these counts")
+    p.add_argument("--name", default="ablation_spec.safetensors")
+    p.set_defaults(run=cmd_select)
+
+    p = sub.add_parser("check", help="erasure check of an ablation spec")
+    common(p)
+    p.add_argument("--spec", required=True)
+    p.add_argument("--labelled", required=True, help='JSONL of {"prompt": ..., "label": ...}')
+    p.set_defaults(run=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CaftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,182 @@
+"""Jitted KV-cache generation against uncached forwards and transformers' greedy ``generate``.
+
+Tiny random models of every family check the loop itself (left padding, sliding windows, soft-caps, EOS); the real
+SmolLM2-135M-Instruct checks a few chat prompts end to end. Models are loaded once per module.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_models import FAMILIES
+
+from caft_jax import build_projector, empty_projector, jit_forward, load_model, load_tokenizer
+from caft_jax.generate import (
+    SamplingConfig,
+    _new_cache,
+    generate,
+    generate_ids,
+    generate_tokens,
+    left_pad,
+    prompt_bucket,
+)
+
+EOS = 2  # the tiny models' eos_token_id
+PROMPTS = [[5, 17, 99, 3, 64, 23, 8, 41, 77, 12, 30], [9, 45, 101, 6, 58]]  # two lengths: the second is left-padded
+NEW = 16  # 11 + 16 tokens: past Gemma's (8) and Mistral's (24) sliding windows
+SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colors."]
+SMOL_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    """{family: (our model, transformers model)}."""
+    return {family: (load_model(path), hf) for family, (path, hf) in tiny_models.items()}
+
+
+def greedy(**kw) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=kw.pop("max_new_tokens", NEW), greedy=True, **kw)
+
+
+def hf_greedy(hf_model, prompts: list[list[int]], new: int, eos: int, pad: int = 0) -> list[list[int]]:
+    """transformers' greedy continuation of a left-padded batch, cut after the first EOS of each row."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend with the other processes on a busy CPU
+    try:
+        with torch.no_grad():
+            out = hf_model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=pad, eos_token_id=eos
+            )
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for row in out[:, width:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def uncached_logits(model, prompts: list[list[int]], generated: list[list[int]]) -> list[np.ndarray]:
+    """Logits each generated token was chosen from, by one plain forward over the left-padded full sequences."""
+    seqs = [p + g for p, g in zip(prompts, generated, strict=True)]
+    tokens, mask = left_pad(seqs, len(seqs), max(map(len, seqs)), 0)
+    full = np.asarray(jit_forward(model, jnp.asarray(tokens), attn_mask=jnp.asarray(mask)).logits)
+    width = tokens.shape[1]
+    return [full[r, width - len(g) - 1 : width - 1] for r, g in enumerate(generated)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers_and_uncached_forward(family, tiny):
+    """Left-padded batch of two prompts, past Gemma's (8) and Mistral's (24) sliding windows."""
+    model, hf_model = tiny[family]
+    out = generate_ids(model, PROMPTS, greedy(), eos_ids=[EOS], pad_id=0, progress=False, record_logits=True)
+    ours = [r["token_ids"] for r in out]
+    assert ours == hf_greedy(hf_model, PROMPTS, NEW, EOS)
+    assert max(map(len, ours)) == NEW  # at least one row ran the full length (the others stopped at EOS)
+    for r, ref in zip(out, uncached_logits(model, PROMPTS, ours), strict=True):
+        assert r["finish_reason"] == ("stop" if r["token_ids"][-1] == EOS else "length")
+        err = np.abs(r["logits"] - ref).max()
+        assert err <= 1e-4, f"max |cached - uncached| = {err}"
+        np.testing.assert_array_equal(r["logits"].argmax(-1), r["token_ids"])
+
+
+def test_top_p_and_temperature_sampling(tiny):
+    model = tiny["llama"][0]
+
+    def run(cfg, prompts=PROMPTS * 2):
+        return [r["token_ids"] for r in generate(model, None, prompts, cfg, batch_size=2, progress=False)]
+
+    base = run(greedy())
+    assert run(SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_p=1e-6, seed=3)) == base  # nucleus of one
+    hot = dict(max_new_tokens=NEW, temperature=1.5)
+    a, b, c = run(SamplingConfig(**hot, seed=1)), run(SamplingConfig(**hot, seed=1)), run(SamplingConfig(**hot, seed=2))
+    assert a == b and a != c and a != base
+    assert a[0] != a[2]  # the same prompt twice draws different samples (per-prompt keys)
+    nucleus = run(SamplingConfig(**hot, top_p=0.5, seed=1))
+    assert nucleus != a and nucleus == run(SamplingConfig(**hot, top_p=0.5, seed=1))
+    # A prompt's sample depends on the seed and its index only, not on which prompts share its batch.
+    assert run(SamplingConfig(**hot, seed=1), PROMPTS) == a[:2]
+
+
+def test_eos_stops_a_row_and_pads_after(tiny):
+    model = tiny["llama"][0]
+    free = [r["token_ids"] for r in generate(model, None, PROMPTS, greedy(), eos_token_ids=[], progress=False)]
+    k = max(j for j in range(4) if free[0][j] not in free[0][:j])  # row 0's first occurrence of some token
+    stop = free[0][k]
+    first = free[1].index(stop) if stop in free[1] else NEW
+    pad = 0
+    tokens, mask = left_pad(PROMPTS, 2, prompt_bucket(11), pad)
+    out = generate_tokens(
+        model, jnp.asarray(tokens), jnp.asarray(mask), jnp.ones(2, bool), jax.random.split(jax.random.key(0), 2),
+        _new_cache(model, 2, 16 + NEW), jnp.asarray([stop], jnp.int32), jnp.int32(pad), jnp.float32(1.0),
+        jnp.float32(1.0), jnp.int32(0), max_new_tokens=NEW,
+    )  # fmt: skip
+    out = jax.device_get({key: v for key, v in out.items() if key != "cache"})
+    assert list(out["tokens"][0, : k + 1]) == free[0][: k + 1] and out["lengths"][0] == k + 1 and out["stopped"][0]
+    assert (out["tokens"][0, k + 1 :] == pad).all()  # pad after the EOS
+    assert out["lengths"][1] == min(first + 1, NEW) and out["stopped"][1] == (first < NEW)
+    results = generate(model, None, PROMPTS, greedy(), eos_token_ids=[stop], progress=False)
+    assert results[0]["token_ids"] == free[0][: k + 1] and results[0]["finish_reason"] == "stop"
+
+
+def test_projector_at_generation_time_and_bounded_compiles(tiny):
+    model = tiny["llama"][0]
+    spec = model.spec
+    plain = generate(model, None, PROMPTS, greedy(), eos_token_ids=[], progress=False)
+    empty = empty_projector(spec.n_layers, spec.d_model, k_max=4)
+    assert generate(model, None, PROMPTS, greedy(), eos_token_ids=[], projector=empty, progress=False) == plain
+    rng = np.random.default_rng(0)
+    ablated = build_projector({1: rng.normal(size=(4, spec.d_model))}, spec.n_layers, spec.d_model, k_max=4)
+    before = generate_tokens._cache_size()
+    changed = generate(model, None, PROMPTS, greedy(), eos_token_ids=[], projector=ablated, progress=False)
+    assert [r["token_ids"] for r in changed] != [r["token_ids"] for r in plain]
+    # New directions, sampling instead of greedy, two batches of other prompt lengths in the same bucket: no compile.
+    other = build_projector({0: rng.normal(size=(2, spec.d_model))}, spec.n_layers, spec.d_model, k_max=4)
+    prompts = [[7] * 3, [8] * 9, [9] * 14, [10] * 6]
+    cfg = SamplingConfig(max_new_tokens=NEW, top_p=0.9)
+    generate(model, None, prompts, cfg, eos_token_ids=[], projector=other, batch_size=2, progress=False)
+    assert generate_tokens._cache_size() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct: real chat prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    return load_model(smollm2_path), load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol, tmp_path_factory):
+    """transformers' model with the same weights, via our HF export: ~3 s instead of ~20 s for transformers' GGUF
+    de-quantisation. (tests/test_smollm2.py checks our GGUF loader against transformers' own.)"""
+    from transformers import AutoModelForCausalLM
+
+    from caft_jax.export import export_merged
+
+    path = export_merged(smol[0], None, None, tmp_path_factory.mktemp("smollm2_hf"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_greedy_matches_transformers_smollm2_chat(smol, smol_hf):
+    model, tokenizer = smol
+    ours = generate(model, tokenizer, SMOL_PROMPTS, greedy(max_new_tokens=SMOL_NEW), chat=True, progress=False)
+    chats = [[{"role": "user", "content": p}] for p in SMOL_PROMPTS]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = tokenizer.eos_token_id
+    assert smol_hf.generation_config.eos_token_id in (eos, [eos])
+    ref = hf_greedy(smol_hf, prompts, SMOL_NEW, eos, pad=tokenizer.pad_token_id)
+    assert [r["token_ids"] for r in ours] == ref
+    for r in ours:
+        assert r["finish_reason"] == ("stop" if r["token_ids"][-1] == eos else "length")
+        assert r["text"] == tokenizer.decode([t for t in r["token_ids"] if t != eos], skip_special_tokens=True)
+    assert [r["finish_reason"] for r in ours] == ["stop", "length", "stop"]  # both ways of ending are covered
+    assert "Paris" in ours[0]["text"]
