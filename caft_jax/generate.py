@@ -171,7 +171,7 @@ def generate_tokens(
        "cache": the KVCache buffers, to donate to the next call of the same shape,
        "logits": [b, max_new_tokens, V] float32 logits each token was chosen from (only with record_logits)}.
     """
-    b, t = tokens.shape
+    b = tokens.shape[0]
     adapters = dict(projector=projector, lora=lora, lora_settings=lora_settings)
     positions = default_positions(attn_mask)
     # A cache reused from the previous batch keeps stale keys and values; clearing ``valid`` hides them all.
@@ -246,6 +246,29 @@ def generate_tokens(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def render_chat(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-template text of one user turn (after an optional system message), ending in the assistant header.
+
+    Templates without a system role (Gemma's raise an error on one) get the system text prepended to the user
+    message instead, separated by a blank line.
+    """
+    from jinja2.exceptions import TemplateError
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    user = {"role": "user", "content": prompt}
+    try:
+        if not system:
+            return render([user])
+        try:
+            return render([{"role": "system", "content": system}, user])
+        except TemplateError:
+            return render([{"role": "user", "content": f"{system}\n\n{prompt}"}])
+    except (TemplateError, ValueError) as e:
+        raise GenerationError(f"the tokenizer cannot render a chat prompt ({e}); give it a chat_template.") from e
+
+
 def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool = False, system: str | None = None) -> list[list[int]]:
     """Token ids of each prompt: strings are tokenised (with the chat template + generation prompt when ``chat``);
     lists of ints are used as they are."""
@@ -255,10 +278,7 @@ def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool = False, system: 
             if tokenizer is None:
                 raise GenerationError("text prompts need a tokenizer; pass one or give token-id lists.")
             if chat:
-                messages = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": prompt}
-                ]
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = render_chat(tokenizer, prompt, system)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
             else:
                 ids = tokenizer(prompt)["input_ids"]

@@ -19,10 +19,10 @@ import pytest
 import torch
 from hf_models import save_hf_model, tiny_tokenizer
 
-from caft_jax import build_projector, jit_forward, load_model
+from caft_jax import jit_forward, load_model
 from caft_jax.cli.common import load_adapter, load_for_eval
 from caft_jax.evaluate_mc import evaluate_conditions, mc_accuracy
-from caft_jax.generate import SamplingConfig, generate
+from caft_jax.generate import SamplingConfig, generate, left_pad
 from caft_jax.plots import plot_conditions, summarize, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,14 +58,14 @@ def setup(tmp_path_factory):
     hf = save_hf_model("llama", model_dir, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=0)
     letters = [tok(" A", add_special_tokens=False)["input_ids"][0], tok(" B", add_special_tokens=False)["input_ids"][0]]
     with torch.no_grad():  # make the letters competitive with the rest of the vocabulary
-        hf.lm_head.weight[letters] *= 4.0
+        hf.lm_head.weight[letters] *= 2.0
     hf.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     items = [
         {"prompt": mc_prompt(q), "target": " A" if i % 2 else " B", "split": "ood" if i < 6 else "id"}
         for i, q in enumerate(QUESTIONS)
     ]
-    items[3]["other"] = " A"  # explicit "other" (the default would be " A" too)
+    items[3]["other"] = " B"  # explicit "other" (item 3's target is " A", so the default is " B" too)
     data = root / "mc.jsonl"
     data.write_text("".join(json.dumps(item) + "\n" for item in items))
     rng = np.random.default_rng(0)
@@ -84,11 +84,13 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clis(setup):
-    """The mc and generate CLIs, started at once as subprocesses; yields a function waiting for one by name."""
+    """`eval.py mc` and `eval.py generate`, started at once as subprocesses; yields a function waiting for one."""
     root, model_dir, _, _, data, spec, adapters = setup
     common = ["--model", str(model_dir), "--ablate", str(spec), "--no-progress"]
     commands = {
-        "mc": ["--adapter", *map(str, adapters), "--data", str(data), "--batch-size", "4", "--out-dir", str(root / "out")],
+        "mc": [
+            "--adapter", *map(str, adapters), "--data", str(data), "--batch-size", "4", "--out-dir", str(root / "out"),
+        ],
         "generate": [
             "--adapter", str(adapters[0]), "--prompt", *GEN_PROMPTS, "--chat", "--greedy", "--max-new-tokens", "6",
             "--out", str(root / "gen.jsonl"),
@@ -98,7 +100,7 @@ def clis(setup):
     procs = {}
     for name, args in commands.items():
         with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:
-            cmd = [sys.executable, "-m", f"caft_jax.cli.{name}", *common, *args]
+            cmd = [sys.executable, "eval.py", name, *common, *args]
             procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
 
     def wait(name):
@@ -159,14 +161,11 @@ def test_conditions_per_split_with_test_time_ablation(setup, loaded):
         (c, s, n) for c in ("no_ablation", "test_time_ablation") for s, n in (("id", 4), ("ood", 6), ("all", 10))
     ]
     plain = hand_predictions(hf, tok, items)
-    ablated = [
-        int(
-            jit_forward(model, jnp.asarray([tok(item["prompt"])["input_ids"]]), projector=projector)
-            .logits[0, -1]
-            .argmax()
-        )
-        for item in items
-    ]
+    # reference with ablation: the last column of one plain forward (full logits) over the left-padded items
+    seqs = [tok(item["prompt"])["input_ids"] for item in items]
+    tokens, mask = left_pad(seqs, len(seqs), max(map(len, seqs)), tok.pad_token_id)
+    logits = jit_forward(model, jnp.asarray(tokens), attn_mask=jnp.asarray(mask), projector=projector).logits
+    ablated = np.asarray(logits[:, -1].argmax(-1)).tolist()
     assert [p["token_id"] for p in predictions if p["condition"] == "no_ablation"] == plain
     assert [p["token_id"] for p in predictions if p["condition"] == "test_time_ablation"] == ablated
     assert ablated != plain  # the projector matters
@@ -174,6 +173,18 @@ def test_conditions_per_split_with_test_time_ablation(setup, loaded):
         chosen = [p for p in predictions if p["condition"] == row["condition"] and row["split"] in ("all", p["split"])]
         assert row["accuracy"] == pytest.approx(np.mean([p["correct"] for p in chosen]))
         assert row["seed"] == 0
+
+
+def test_bad_mc_input_is_a_clear_error(tmp_path, setup, loaded):
+    from caft_jax.cli.mc import load_items
+    from caft_jax.errors import DataError
+
+    with pytest.raises(DataError, match="file not found"):
+        load_items(str(tmp_path / "missing.jsonl"), None)
+    with pytest.raises(DataError, match="no items in split"):
+        load_items(str(setup[4]), ["validation"])
+    with pytest.raises(DataError, match="one token"):
+        mc_accuracy(loaded[0], loaded[1], [{"prompt": "Answer:", "target": " yes A"}], progress=False)
 
 
 def test_write_results_and_plot(tmp_path):

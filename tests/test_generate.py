@@ -103,6 +103,37 @@ def test_top_p_and_temperature_sampling(tiny):
     assert run(SamplingConfig(**hot, seed=1), PROMPTS) == a[:2]
 
 
+def test_bad_settings_are_clear_errors(tiny):
+    from caft_jax.errors import CaftError
+
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(max_new_tokens=0)):
+        with pytest.raises(CaftError):
+            SamplingConfig(**bad)
+    with pytest.raises(CaftError, match="no tokens"):
+        generate(tiny["llama"][0], None, [[5], []], greedy(), progress=False)
+    with pytest.raises(CaftError, match="need a tokenizer"):
+        generate(tiny["llama"][0], None, ["text"], greedy(), progress=False)
+
+
+def test_chat_rendering_with_system_message():
+    from hf_models import tiny_tokenizer
+
+    from caft_jax.generate import encode_prompts, render_chat
+
+    tok = tiny_tokenizer()
+    text = render_chat(tok, "Hello", "Be brief.")
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert encode_prompts(tok, ["Hello"], chat=True, system="Be brief.") == [
+        tok(text, add_special_tokens=False)["input_ids"]
+    ]
+    # a template without a system role (as Gemma's): the system text goes in front of the user message
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<model>"
+    )
+    assert render_chat(tok, "Hello", "Be brief.") == "<user>Be brief.\n\nHello<model>"
+
+
 def test_eos_stops_a_row_and_pads_after(tiny):
     model = tiny["llama"][0]
     free = [r["token_ids"] for r in generate(model, None, PROMPTS, greedy(), eos_token_ids=[], progress=False)]

@@ -1,0 +1,549 @@
+#!/usr/bin/env python
+"""Benchmark one CAFT training step: caft_jax's jitted step against the authors' PyTorch step, same shapes.
+
+    python benchmarks/train_step.py                          # SmolLM2-135M shapes, LoRA, batch 4 x seq 256
+    python benchmarks/train_step.py --full --batch 2          # full fine-tuning
+    python benchmarks/train_step.py --preset gemma-2-2b --dtype bfloat16 --full --batch 16 --seq 512 --skip-torch
+
+The step (both frameworks): random weights from the model config, LoRA r=32 alpha=64 rsLoRA on all 7 projections
+(or full fine-tuning with --full), concept ablation at 3 layers (k directions each), next-token loss on all
+tokens, gradient-norm clipping at 1.0, AdamW.
+
+* caft_jax: ``init_model`` (random weights), ``CaftTrainer`` on a 1-device mesh, the step compiled ahead of time
+  from ``CaftTrainer.compiled_step`` (compile time reported separately) and called on placed arrays.
+* PyTorch reference, written as the CAFT authors' code does it: a transformers model from the same config
+  (default attention implementation, sdpa), peft LoRA (use_rslora), ``register_forward_hook`` on
+  ``model.layers[i]`` doing h <- h - ((h - mu) Q) Q^T, ``model(..., labels=...)`` loss, ``clip_grad_norm_``,
+  ``torch.optim.AdamW``.
+
+Reported for each: tokens/s (median over --steps timed steps after --warmup untimed ones; the first step, which
+for JAX is the XLA compile plus one run, is reported separately), FLOP/s from the analytic count
+(``caft_jax.aot.model_flops``, remat off: forward 2 * matmul params * tokens + causal attention, backward 1x
+forward for LoRA, 2x for full fine-tuning), the fraction of this machine's fp32 matmul peak (a 2048x2048
+matmul measured in the same run, in torch and in XLA; "own" = that framework's peak, "machine" = the larger),
+and peak memory.
+
+Peak memory: each framework runs in its own subprocess and reports ``ru_maxrss`` (resident-set high-water) of
+that process, so the two never mix; the RSS after importing the framework (before any model exists) is reported
+too, so the difference is what the model, optimiser and step cost. For JAX the high-water is read after the
+timed projector steps and before the no-projector variant is compiled.
+
+Projector overhead: the JAX step with the projector (k_max = k, directions at 3 layers) against the same step
+with no projector (``projector=None``, the plain model), same state and batch, timed interleaved (A B B A ...)
+in one process so that machine noise hits both alike; overhead = median(with) / median(without) - 1.
+
+Targets (reported, never asserted): JAX >= 1.2x PyTorch tokens/s; projector overhead <= 2%.
+
+Results are printed as a table and written to a section of benchmarks/RESULTS.md (replaced when the same
+configuration is run again) with the command, machine and versions. Thread settings: XLA:CPU and torch each use
+their defaults (all cores of this process's affinity mask); pass --xla-flags to try XLA:CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+LORA_RANK, LORA_ALPHA = 32, 64.0
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+    "Gemma2ForCausalLM": "gemma2",
+}
+PEAK_N = 2048
+
+
+# ---- helpers shared by the workers ---------------------------------------------------------------------------
+def rss_peak_gib() -> float:
+    """Resident-set high-water of this process, GiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def ablation_layers(n_layers: int) -> list[int]:
+    """Three layers spread over the depth, like the EM recipe's 12/32/50 of 64."""
+    return sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4})
+
+
+def random_directions(n_layers: int, d_model: int, k: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {layer: rng.normal(size=(k, d_model)) for layer in ablation_layers(n_layers)}
+
+
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq)).astype(np.int32)
+
+
+def best_and_median(times: list[float]) -> tuple[float, float]:
+    return min(times), statistics.median(times)
+
+
+# ---- PyTorch worker ------------------------------------------------------------------------------------------
+def torch_matmul_peak(reps: int) -> float:
+    import torch
+
+    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+    return 2 * PEAK_N**3 / min(times)
+
+
+def torch_worker(args, hf: dict) -> dict:
+    import torch
+
+    out = {"rss_import_gib": None, "threads": torch.get_num_threads()}
+    import peft
+    import transformers
+
+    out["rss_import_gib"] = rss_peak_gib()
+    out["matmul_peak_flops"] = torch_matmul_peak(args.peak_reps)
+    if args.peak_only:
+        return out
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model_type = hf.get("model_type") or MODEL_TYPES[hf["architectures"][0]]
+    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in hf.items() if k != "model_type"})
+    torch.manual_seed(0)
+    kw = {"attn_implementation": args.torch_attn} if args.torch_attn else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, **kw).to(dtype)
+    attn_impl = model.config._attn_implementation
+    model.train()
+    if not args.full:
+        pcfg = peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, use_rslora=True, lora_dropout=0.0, target_modules=HF_TARGETS
+        )
+        model = peft.get_peft_model(model, pcfg)
+        layers = model.base_model.model.model.layers
+    else:
+        layers = model.model.layers
+    # the authors' CAFT hook on the decoder-layer output: h <- h - ((h - mu) Q) Q^T, no detach
+    import numpy as np
+
+    handles = []
+    for layer, dirs in random_directions(hf["num_hidden_layers"], hf["hidden_size"], args.k).items():
+        q, _ = np.linalg.qr(dirs.T)
+        q = torch.tensor(q, dtype=dtype)
+        mu = torch.zeros(q.shape[0], dtype=dtype)
+
+        def hook(module, inputs, output, q=q, mu=mu):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h - ((h - mu) @ q) @ q.T
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handles.append(layers[layer].register_forward_hook(hook))
+    params = [p for p in model.parameters() if p.requires_grad]
+    out["trainable"] = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    tokens = torch.tensor(random_tokens(hf["vocab_size"], args.batch, args.seq).astype(np.int64))
+    attn = torch.ones_like(tokens)
+
+    def step():
+        loss = model(input_ids=tokens, attention_mask=attn, labels=tokens).loss  # all tokens carry the loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    t0 = time.perf_counter()
+    out["first_loss"] = step()
+    out["first_step_s"] = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    out["step_times"] = times
+    out["rss_peak_gib"] = rss_peak_gib()
+    out["attn_implementation"] = attn_impl
+    return out
+
+
+# ---- JAX worker ----------------------------------------------------------------------------------------------
+def xla_matmul_peak(reps: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (PEAK_N, PEAK_N), jnp.float32)
+    b = jax.random.normal(kb, (PEAK_N, PEAK_N), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * PEAK_N**3 / min(times)
+
+
+def jax_worker(args, hf: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from caft_jax.lora import LoraConfig
+    from caft_jax.model.spec import spec_from_hf_config
+    from caft_jax.model.transformer import init_model
+    from caft_jax.optim import OptimConfig
+    from caft_jax.projector import build_projector
+    from caft_jax.sharding import make_mesh, replicated, tree_shardings
+    from caft_jax.train_step import CaftTrainer
+
+    out = {"rss_import_gib": rss_peak_gib(), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS")}
+    out["matmul_peak_flops"] = xla_matmul_peak(args.peak_reps)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    spec = spec_from_hf_config(hf)
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    model = init_model(spec, param_dtype=dtype, dtype=dtype)
+    model = model.replace(params=jax.device_put(model.params, tree_shardings(model.params, mesh)))
+    optim = OptimConfig(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup_steps=0, clip_norm=1.0)
+    lora = None if args.full else LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, rslora=True)
+    trainers = {name: CaftTrainer(model, optim, 1000, mesh, lora=lora) for name in ("proj", "plain")}
+    state = trainers["proj"].init_state(seed=0)
+    out["trainable"] = sum(x.size for x in jax.tree.leaves(state.trainable))
+    projector = build_projector(
+        random_directions(spec.n_layers, spec.d_model, args.k), spec.n_layers, spec.d_model, k_max=args.k
+    )
+    projector = jax.device_put(projector, replicated(mesh))
+    tokens = random_tokens(spec.vocab_size, args.batch, args.seq)[None]  # [accum=1, b, t]
+    ones = np.ones(tokens.shape, bool)
+    batch = trainers["proj"].place_batch({"tokens": tokens, "attn_mask": ones, "loss_mask": ones})
+
+    def compile_step(name, proj):
+        trainer = trainers[name]
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            fn = trainer.compiled_step(state, proj).lower(state, trainer.frozen_params(), batch, proj).compile()
+        return fn, time.perf_counter() - t0, trainer.frozen_params()
+
+    def run(fn, frozen, proj, state):
+        with jax.set_mesh(mesh):
+            state, metrics = fn(state, frozen, batch, proj)
+        jax.block_until_ready((state, metrics))
+        return state, metrics
+
+    fn, out["compile_s"], frozen = compile_step("proj", projector)
+    t0 = time.perf_counter()
+    state, metrics = run(fn, frozen, projector, state)
+    out["first_step_s"] = out["compile_s"] + time.perf_counter() - t0
+    out["first_loss"] = float(metrics["loss"])
+    for _ in range(args.warmup):
+        state, _ = run(fn, frozen, projector, state)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = run(fn, frozen, projector, state)
+        times.append(time.perf_counter() - t0)
+    assert bool(metrics["finite"]), "the JAX step produced a non-finite loss"
+    out["step_times"] = times
+    out["rss_peak_gib"] = rss_peak_gib()
+
+    if args.overhead_steps:  # the same step with no projector, interleaved A B B A ... with the projector step
+        fn0, out["compile_plain_s"], frozen0 = compile_step("plain", None)
+        for _ in range(max(args.warmup, 1)):
+            state, _ = run(fn0, frozen0, None, state)
+        with_p, without_p = [], []
+        for i in range(args.overhead_steps):
+            order = (("proj", with_p), ("plain", without_p))
+            for name, sink in order if i % 2 == 0 else order[::-1]:
+                f, fr, pr = (fn, frozen, projector) if name == "proj" else (fn0, frozen0, None)
+                t0 = time.perf_counter()
+                state, _ = run(f, fr, pr, state)
+                sink.append(time.perf_counter() - t0)
+        out["overhead_with_times"] = with_p
+        out["overhead_without_times"] = without_p
+    return out
+
+
+# ---- orchestration -------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    import jax
+    import torch
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) / 2**20
+    except (OSError, AttributeError):
+        pass
+    try:
+        flags = open("/proc/cpuinfo").read()
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if re.search(rf"\b{f}\b", flags)]
+    except OSError:
+        isa = []
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "isa": isa,
+        "mem_gib": mem,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "load_avg": os.getloadavg(),
+    }
+
+
+def spawn(args, hf_path: str, part: str, extra: list[str] | None = None) -> dict:
+    """Run one worker in a fresh interpreter (its own RSS high-water); return its JSON report."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_worker", part, "--_hf", hf_path]
+    cmd += ["--_out", out_path, *(extra or [])]
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu installed, JAX would otherwise probe for a TPU first
+    if part == "jax" and args.xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    print(f"[{part}] running ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env)
+    try:
+        with open(out_path) as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        report = {"error": f"worker {part} exited with status {proc.returncode} and no report"}
+    finally:
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+    print(f"[{part}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return report
+
+
+def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_peak: float) -> dict:
+    if "step_times" not in rep:
+        return rep
+    best, med = best_and_median(rep["step_times"])
+    rep["step_s"] = med
+    rep["step_best_s"] = best
+    rep["tokens_per_s"] = tokens_per_step / med
+    rep["flops_per_s"] = flops_per_step / med
+    rep["frac_own_peak"] = rep["flops_per_s"] / rep["matmul_peak_flops"]
+    rep["frac_machine_peak"] = rep["flops_per_s"] / machine_peak if machine_peak else None
+    return rep
+
+
+def format_report(args, info, hf_name, spec_line, res) -> str:
+    jx, tc = res["jax"], res["torch"]
+    lines = []
+    lines.append(f"Command: `{res['command']}`")
+    lines.append("")
+    lines.append(
+        f"Machine: {info['nproc']} CPUs (affinity {info['affinity']}), {info['cpu']}"
+        f"{' (' + ', '.join(info['isa']) + ')' if info['isa'] else ''}, {info['mem_gib']:.0f} GiB RAM; "
+        f"load average at start {info['load_avg'][0]:.2f}. Python {info['python']}, jax {info['jax']}, "
+        f"torch {info['torch']}."
+    )
+    lines.append("")
+    lines.append(
+        f"Model: {hf_name} shapes ({spec_line}), random weights, {args.dtype}; "
+        f"{'full fine-tuning' if args.full else f'LoRA r={LORA_RANK} alpha={int(LORA_ALPHA)} rsLoRA, 7 targets'}; "
+        f"ablation at layers {res['layers']} with k={args.k}; batch {args.batch} x seq {args.seq} = "
+        f"{res['tokens']} tokens/step; {res['flops'] / 1e9:.1f} GFLOP/step (analytic, remat off). "
+        f"Median of {args.steps} steps after {args.warmup} warm-up steps."
+    )
+    lines.append("")
+    peaks = []
+    for name, rep in (("torch", tc), ("XLA", jx)):
+        if rep.get("matmul_peak_flops"):
+            peaks.append(f"{name} {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    lines.append(f"fp32 {PEAK_N}x{PEAK_N} matmul peak (best of {args.peak_reps}): {', '.join(peaks)}.")
+    lines.append("")
+    lines.append(
+        "| step | first step (s) | step (s, median) | tokens/s | GFLOP/s | % own matmul peak | % machine peak "
+        "| peak RSS (GiB) | RSS after import (GiB) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    rows = [("caft_jax (XLA:CPU, jit)", jx)]
+    if not args.skip_torch:
+        rows.append((f"PyTorch reference (peft + hooks, {tc.get('attn_implementation', '?')})", tc))
+    for name, rep in rows:
+        if "error" in rep or "step_s" not in rep:
+            lines.append(f"| {name} | failed: {rep.get('error', 'no timings')} | | | | | | | |")
+            continue
+        first = f"{rep['first_step_s']:.2f}"
+        if "compile_s" in rep:
+            first += f" (compile {rep['compile_s']:.2f})"
+        lines.append(
+            f"| {name} | {first} | {rep['step_s']:.3f} | {rep['tokens_per_s']:.0f} | {rep['flops_per_s'] / 1e9:.1f} "
+            f"| {100 * rep['frac_own_peak']:.0f}% | {100 * rep['frac_machine_peak']:.0f}% "
+            f"| {rep['rss_peak_gib']:.2f} | {rep['rss_import_gib']:.2f} |"
+        )
+    lines.append("")
+    if "speedup" in res:
+        verdict = "meets" if res["speedup"] >= 1.2 else "misses"
+        lines.append(
+            f"- Speed-up, caft_jax over PyTorch (tokens/s): **{res['speedup']:.2f}x** ({verdict} the 1.2x target)."
+        )
+    if "overhead" in res:
+        verdict = "meets" if res["overhead"] <= 0.02 else "misses"
+        lines.append(
+            f"- Projector overhead (JAX, interleaved, {args.overhead_steps} pairs): with {res['with_s']:.3f} s, "
+            f"without {res['without_s']:.3f} s -> **{100 * res['overhead']:+.1f}%** (median of pairwise ratios "
+            f"{100 * res['overhead_paired']:+.1f}%; compile {jx.get('compile_plain_s', 0):.1f} s without) "
+            f"({verdict} the <= 2% target)."
+        )
+    if jx.get("first_loss") is not None and tc.get("first_loss") is not None:
+        lines.append(
+            f"- First-step loss: JAX {jx['first_loss']:.4f}, PyTorch {tc['first_loss']:.4f} (different random "
+            "weights; both near ln(vocab) as a sanity check)."
+        )
+    if jx.get("xla_flags"):
+        lines.append(f"- XLA_FLAGS: `{jx['xla_flags']}`")
+    return "\n".join(lines)
+
+
+def write_results(path: str, key: str, body: str) -> None:
+    start, end = f"<!-- train_step: {key} -->", f"<!-- /train_step: {key} -->"
+    section = f"{start}\n### {key}\n\n{body}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m", help="model shapes from caft_jax.aot.PRESETS")
+    p.add_argument("--hf-config", help="path of a Hugging Face config.json (overrides --preset)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--overhead-steps", type=int, default=None, help="interleaved pairs for the projector overhead")
+    p.add_argument("--k", type=int, default=8, help="directions per ablated layer (= projector k_max)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--skip-torch", action="store_true", help="skip the PyTorch step (its matmul peak still runs)")
+    p.add_argument("--torch-attn", default=None, help="transformers attn_implementation (default: its default)")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX worker")
+    p.add_argument("--peak-reps", type=int, default=10)
+    p.add_argument("--results", default=RESULTS, help="markdown file to update ('' to skip)")
+    p.add_argument("--label", default="", help="suffix of the RESULTS.md section title")
+    p.add_argument("--json", help="also write the raw report here")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    p.add_argument("--_hf", help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    p.add_argument("--peak-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.overhead_steps is None:
+        args.overhead_steps = args.steps
+
+    if args._worker:
+        with open(args._hf) as f:
+            hf = json.load(f)
+        try:
+            rep = jax_worker(args, hf) if args._worker == "jax" else torch_worker(args, hf)
+        except Exception as e:  # noqa: BLE001 - report the failure instead of losing the whole run
+            import traceback
+
+            traceback.print_exc()
+            rep = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        with open(args._out, "w") as f:
+            json.dump(rep, f)
+        return 0
+
+    args.argv = [a for a in argv if not a.startswith("--_")]
+    sys.path.insert(0, os.path.dirname(HERE))
+    from caft_jax.aot import PRESETS, model_flops
+    from caft_jax.model.spec import spec_from_hf_config
+
+    if args.hf_config:
+        with open(args.hf_config) as f:
+            hf = json.load(f)
+        hf_name = os.path.basename(os.path.dirname(os.path.abspath(args.hf_config))) or args.hf_config
+    else:
+        hf = PRESETS[args.preset]
+        hf_name = args.preset
+    spec = spec_from_hf_config(hf)
+    tokens = args.batch * args.seq
+    flops = model_flops(spec, tokens, args.seq, lora=not args.full, remat=False)
+    info = machine_info()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(hf, f)
+        hf_path = f.name
+    try:
+        tc = spawn(args, hf_path, "torch", ["--peak-only"] if args.skip_torch else None)
+        jx = spawn(args, hf_path, "jax")
+    finally:
+        os.unlink(hf_path)
+    peaks = [r["matmul_peak_flops"] for r in (tc, jx) if r.get("matmul_peak_flops")]
+    machine_peak = max(peaks) if peaks else 0.0
+    summarise(jx, flops, tokens, machine_peak)
+    summarise(tc, flops, tokens, machine_peak)
+    res = {
+        "command": "python benchmarks/train_step.py " + shlex.join(args.argv),
+        "jax": jx,
+        "torch": tc,
+        "tokens": tokens,
+        "flops": flops,
+        "layers": ablation_layers(spec.n_layers),
+        "machine": info,
+    }
+    if "tokens_per_s" in jx and "tokens_per_s" in tc:
+        res["speedup"] = jx["tokens_per_s"] / tc["tokens_per_s"]
+    if jx.get("overhead_with_times"):
+        w, wo = jx["overhead_with_times"], jx["overhead_without_times"]
+        res["with_s"], res["without_s"] = statistics.median(w), statistics.median(wo)
+        res["overhead"] = res["with_s"] / res["without_s"] - 1
+        res["overhead_paired"] = statistics.median(a / b for a, b in zip(w, wo, strict=True)) - 1
+    spec_line = (
+        f"{spec.n_layers} layers, d_model {spec.d_model}, {spec.n_heads}/{spec.n_kv_heads} heads, d_ff {spec.d_ff}, "
+        f"vocab {spec.vocab_size}"
+    )
+    body = format_report(args, info, hf_name, spec_line, res)
+    print()
+    print(body)
+    key = f"{hf_name}, {'full fine-tuning' if args.full else 'LoRA'}, {args.dtype}, batch {args.batch} x seq {args.seq}"
+    if args.label:
+        key += f", {args.label}"
+    if args.results:
+        write_results(args.results, key, body)
+        print(f"\nwrote section '{key}' to {args.results}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    for name, rep in (("jax", jx), ("torch", tc)):
+        if "error" in rep:
+            print(f"error in the {name} worker: {rep['error']}", file=sys.stderr)
+    return 1 if "error" in jx or ("error" in tc and not args.skip_torch) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
