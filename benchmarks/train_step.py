@@ -96,10 +96,10 @@ def best_and_median(times: list[float]) -> tuple[float, float]:
 
 
 # ---- PyTorch worker ------------------------------------------------------------------------------------------
-def torch_matmul_peak(reps: int) -> float:
+def torch_matmul_peak(reps: int, n: int = PEAK_N) -> float:
     import torch
 
-    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
+    a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.no_grad():
         for _ in range(3):
             torch.matmul(a, b)
@@ -108,7 +108,7 @@ def torch_matmul_peak(reps: int) -> float:
             t0 = time.perf_counter()
             torch.matmul(a, b)
             times.append(time.perf_counter() - t0)
-    return 2 * PEAK_N**3 / min(times)
+    return 2 * n**3 / min(times)
 
 
 def torch_worker(args, hf: dict) -> dict:
@@ -119,7 +119,7 @@ def torch_worker(args, hf: dict) -> dict:
     import transformers
 
     out["rss_import_gib"] = rss_peak_gib()
-    out["matmul_peak_flops"] = torch_matmul_peak(args.peak_reps)
+    out["matmul_peak_flops"] = torch_matmul_peak(args.peak_reps, args.peak_n)
     if args.peak_only:
         return out
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -172,25 +172,27 @@ def torch_worker(args, hf: dict) -> dict:
     out["first_step_s"] = time.perf_counter() - t0
     for _ in range(args.warmup):
         step()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     out["step_times"] = times
+    out["cpu_times"] = cpu
     out["rss_peak_gib"] = rss_peak_gib()
     out["attn_implementation"] = attn_impl
     return out
 
 
 # ---- JAX worker ----------------------------------------------------------------------------------------------
-def xla_matmul_peak(reps: int) -> float:
+def xla_matmul_peak(reps: int, n: int = PEAK_N, dtype: str = "float32") -> float:
     import jax
     import jax.numpy as jnp
 
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (PEAK_N, PEAK_N), jnp.float32)
-    b = jax.random.normal(kb, (PEAK_N, PEAK_N), jnp.float32)
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.matmul)
     for _ in range(3):
         f(a, b).block_until_ready()
@@ -199,13 +201,70 @@ def xla_matmul_peak(reps: int) -> float:
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * PEAK_N**3 / min(times)
+    return 2 * n**3 / min(times)
+
+
+def patch_linear_vjp() -> None:
+    """Experiment (--jax-patch linear-vjp), NOT the library: every projection with a hand-written VJP.
+
+    Same products as autodiff, in a different operand order. For y = x @ W, JAX's autodiff computes the weight
+    gradient as (g^T x)^T with the cotangent g [b, t, out] as the first operand; XLA:CPU then materialises a
+    transposed copy of g, fused into the elementwise backward that produces g (the SiLU backward for gate/up),
+    on every layer. Writing dW = x^T g with the layer input first avoids it; for LoRA the same function is used
+    for x @ A and (x A) @ B, so dB = (x A)^T g transposes only the small [b, t, r] operand. In LoRA mode the
+    frozen base weight's gradient is computed in the backward and then dead-code-eliminated by XLA.
+    The proposed library diff is the same code in caft_jax/model/layers.py (see benchmarks/RESULTS.md).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from caft_jax.model import layers
+
+    @jax.custom_vjp
+    def linear(x, w):
+        return jnp.einsum("bti,io->bto", x, w)
+
+    def linear_fwd(x, w):
+        return linear(x, w), (x, w)
+
+    def linear_bwd(res, g):
+        x, w = res
+        return jnp.einsum("bto,io->bti", g, w), jnp.einsum("bti,bto->io", x, g)
+
+    linear.defvjp(linear_fwd, linear_bwd)
+
+    def project(self, x, name, lora, lora_settings, rng):
+        w = getattr(self, name)[...].astype(self.dtype)
+        y = linear(x, w)
+        if lora is not None and name in lora:
+            a = lora[name]["a"].astype(self.dtype)
+            b = lora[name]["b"].astype(self.dtype)
+            if lora_settings.dropout and rng is not None:
+                key = jax.random.fold_in(rng, layers._PROJ_IDS[name])
+                keep = jax.random.bernoulli(key, 1 - lora_settings.dropout, x.shape)
+                x = jnp.where(keep, x / (1 - lora_settings.dropout), 0).astype(x.dtype)
+            y = y + (lora_settings.scale * linear(linear(x, a), b)).astype(y.dtype)
+        return y
+
+    layers.Linears.project = project
+
+
+def device_peak_gib(device) -> float | None:
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - CPU devices may not report
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2**30 if peak else None
 
 
 def jax_worker(args, hf: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    if args.jax_patch == "linear-vjp":
+        patch_linear_vjp()
 
     from caft_jax.lora import LoraConfig
     from caft_jax.model.spec import spec_from_hf_config
@@ -216,7 +275,8 @@ def jax_worker(args, hf: dict) -> dict:
     from caft_jax.train_step import CaftTrainer
 
     out = {"rss_import_gib": rss_peak_gib(), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS")}
-    out["matmul_peak_flops"] = xla_matmul_peak(args.peak_reps)
+    out["device"] = jax.devices()[0].device_kind
+    out["matmul_peak_flops"] = xla_matmul_peak(args.peak_reps, args.peak_n, args.peak_dtype)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     spec = spec_from_hf_config(hf)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
@@ -224,7 +284,11 @@ def jax_worker(args, hf: dict) -> dict:
     model = model.replace(params=jax.device_put(model.params, tree_shardings(model.params, mesh)))
     optim = OptimConfig(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup_steps=0, clip_norm=1.0)
     lora = None if args.full else LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, rslora=True)
-    trainers = {name: CaftTrainer(model, optim, 1000, mesh, lora=lora) for name in ("proj", "plain")}
+    trainable_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.trainable_dtype]
+    trainers = {
+        name: CaftTrainer(model, optim, 1000, mesh, lora=lora, trainable_dtype=trainable_dtype, remat=args.remat)
+        for name in ("proj", "plain")
+    }
     state = trainers["proj"].init_state(seed=0)
     out["trainable"] = sum(x.size for x in jax.tree.leaves(state.trainable))
     projector = build_projector(
@@ -255,14 +319,17 @@ def jax_worker(args, hf: dict) -> dict:
     out["first_loss"] = float(metrics["loss"])
     for _ in range(args.warmup):
         state, _ = run(fn, frozen, projector, state)
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = run(fn, frozen, projector, state)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     assert bool(metrics["finite"]), "the JAX step produced a non-finite loss"
     out["step_times"] = times
+    out["cpu_times"] = cpu
     out["rss_peak_gib"] = rss_peak_gib()
+    out["device_peak_gib"] = device_peak_gib(jax.devices()[0])
 
     if args.overhead_steps:  # the same step with no projector, interleaved A B B A ... with the projector step
         fn0, out["compile_plain_s"], frozen0 = compile_step("plain", None)
@@ -324,7 +391,8 @@ def spawn(args, hf_path: str, part: str, extra: list[str] | None = None) -> dict
     cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_worker", part, "--_hf", hf_path]
     cmd += ["--_out", out_path, *(extra or [])]
     env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu installed, JAX would otherwise probe for a TPU first
+    if args.jax_platform:  # with libtpu installed, JAX would otherwise probe for a TPU first
+        env["JAX_PLATFORMS"] = args.jax_platform
     if part == "jax" and args.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     print(f"[{part}] running ...", flush=True)
@@ -348,6 +416,7 @@ def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_pe
     best, med = best_and_median(rep["step_times"])
     rep["step_s"] = med
     rep["step_best_s"] = best
+    rep["cpu_s"] = statistics.median(rep["cpu_times"]) if rep.get("cpu_times") else None
     rep["tokens_per_s"] = tokens_per_step / med
     rep["flops_per_s"] = flops_per_step / med
     rep["frac_own_peak"] = rep["flops_per_s"] / rep["matmul_peak_flops"]
@@ -355,70 +424,96 @@ def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_pe
     return rep
 
 
+def mode_line(args) -> str:
+    mode = "full fine-tuning" if args.full else f"LoRA r={LORA_RANK} alpha={int(LORA_ALPHA)} rsLoRA, 7 targets"
+    extras = []
+    if args.trainable_dtype != "float32":
+        extras.append(f"{args.trainable_dtype} trainable params")
+    if args.remat != "none":
+        extras.append(f"remat {args.remat} (JAX)")
+    return mode + ("; " + ", ".join(extras) if extras else "")
+
+
 def format_report(args, info, hf_name, spec_line, res) -> str:
     jx, tc = res["jax"], res["torch"]
-    lines = []
-    lines.append(f"Command: `{res['command']}`")
-    lines.append("")
+    pct = lambda x: f"{100 * x:.0f}%" if x is not None else "n/a"  # noqa: E731
+    lines = [f"Command: `{res['command']}`", ""]
+    isa = f" ({', '.join(info['isa'])})" if info["isa"] else ""
+    mem = f", {info['mem_gib']:.0f} GiB RAM" if info["mem_gib"] else ""
     lines.append(
-        f"Machine: {info['nproc']} CPUs (affinity {info['affinity']}), {info['cpu']}"
-        f"{' (' + ', '.join(info['isa']) + ')' if info['isa'] else ''}, {info['mem_gib']:.0f} GiB RAM; "
-        f"load average at start {info['load_avg'][0]:.2f}. Python {info['python']}, jax {info['jax']}, "
-        f"torch {info['torch']}."
+        f"Machine: {info['nproc']} CPUs (affinity {info['affinity']}), {info['cpu']}{isa}{mem}; load average "
+        f"{info['load_avg'][0]:.2f} at start, {res['load_end']:.2f} at end. JAX backend {jx.get('backend', '?')} "
+        f"({jx.get('device', '?')}). Python {info['python']}, jax {info['jax']}, torch {info['torch']}."
     )
     lines.append("")
     lines.append(
-        f"Model: {hf_name} shapes ({spec_line}), random weights, {args.dtype}; "
-        f"{'full fine-tuning' if args.full else f'LoRA r={LORA_RANK} alpha={int(LORA_ALPHA)} rsLoRA, 7 targets'}; "
-        f"ablation at layers {res['layers']} with k={args.k}; batch {args.batch} x seq {args.seq} = "
-        f"{res['tokens']} tokens/step; {res['flops'] / 1e9:.1f} GFLOP/step (analytic, remat off). "
-        f"Median of {args.steps} steps after {args.warmup} warm-up steps."
+        f"Step: {hf_name} shapes ({spec_line}), random weights, {args.dtype}; {mode_line(args)}; ablation at layers "
+        f"{res['layers']} with k={args.k}; batch {args.batch} x seq {args.seq} = {res['tokens']} tokens/step; "
+        f"{res['flops'] / 1e9:.1f} GFLOP/step (analytic, `caft_jax.aot.model_flops`, remat off). Median of "
+        f"{args.steps} timed steps after {args.warmup} warm-up steps."
     )
     lines.append("")
-    peaks = []
-    for name, rep in (("torch", tc), ("XLA", jx)):
-        if rep.get("matmul_peak_flops"):
-            peaks.append(f"{name} {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
-    lines.append(f"fp32 {PEAK_N}x{PEAK_N} matmul peak (best of {args.peak_reps}): {', '.join(peaks)}.")
+    peaks = [
+        f"{name} {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+        for name, rep in (("torch", tc), ("XLA", jx))
+        if rep.get("matmul_peak_flops")
+    ]
+    lines.append(
+        f"{args.peak_n}x{args.peak_n} matmul peak (best of {args.peak_reps}; torch fp32, XLA {args.peak_dtype}): "
+        f"{', '.join(peaks)}."
+    )
     lines.append("")
     lines.append(
-        "| step | first step (s) | step (s, median) | tokens/s | GFLOP/s | % own matmul peak | % machine peak "
-        "| peak RSS (GiB) | RSS after import (GiB) |"
+        "| step | first step s (compile) | step s (median) | CPU s/step | tokens/s | GFLOP/s | % own matmul peak "
+        "| % machine peak | peak RSS GiB (after import) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|")
-    rows = [("caft_jax (XLA:CPU, jit)", jx)]
+    jname = "caft_jax, jit" + (f" + experiment {args.jax_patch}" if args.jax_patch != "none" else "")
+    rows = [(jname, jx)]
     if not args.skip_torch:
-        rows.append((f"PyTorch reference (peft + hooks, {tc.get('attn_implementation', '?')})", tc))
+        rows.append((f"PyTorch reference (peft + hooks, {tc.get('attn_implementation', '?')} attention)", tc))
     for name, rep in rows:
         if "error" in rep or "step_s" not in rep:
             lines.append(f"| {name} | failed: {rep.get('error', 'no timings')} | | | | | | | |")
             continue
         first = f"{rep['first_step_s']:.2f}"
         if "compile_s" in rep:
-            first += f" (compile {rep['compile_s']:.2f})"
+            first += f" ({rep['compile_s']:.2f})"
+        cpu = f"{rep['cpu_s']:.2f}" if rep.get("cpu_s") is not None else "n/a"
+        memory = f"{rep['rss_peak_gib']:.2f} ({rep['rss_import_gib']:.2f})"
+        if rep.get("device_peak_gib"):
+            memory += f"; device {rep['device_peak_gib']:.2f}"
         lines.append(
-            f"| {name} | {first} | {rep['step_s']:.3f} | {rep['tokens_per_s']:.0f} | {rep['flops_per_s'] / 1e9:.1f} "
-            f"| {100 * rep['frac_own_peak']:.0f}% | {100 * rep['frac_machine_peak']:.0f}% "
-            f"| {rep['rss_peak_gib']:.2f} | {rep['rss_import_gib']:.2f} |"
+            f"| {name} | {first} | {rep['step_s']:.3f} | {cpu} | {rep['tokens_per_s']:.0f} "
+            f"| {rep['flops_per_s'] / 1e9:.1f} | {pct(rep['frac_own_peak'])} | {pct(rep['frac_machine_peak'])} "
+            f"| {memory} |"
         )
     lines.append("")
     if "speedup" in res:
         verdict = "meets" if res["speedup"] >= 1.2 else "misses"
         lines.append(
-            f"- Speed-up, caft_jax over PyTorch (tokens/s): **{res['speedup']:.2f}x** ({verdict} the 1.2x target)."
+            f"- Speed-up of caft_jax over PyTorch (tokens/s): **{res['speedup']:.2f}x** ({verdict} the 1.2x target)."
         )
     if "overhead" in res:
         verdict = "meets" if res["overhead"] <= 0.02 else "misses"
         lines.append(
-            f"- Projector overhead (JAX, interleaved, {args.overhead_steps} pairs): with {res['with_s']:.3f} s, "
+            f"- Projector overhead (JAX, {args.overhead_steps} interleaved pairs): with {res['with_s']:.3f} s, "
             f"without {res['without_s']:.3f} s -> **{100 * res['overhead']:+.1f}%** (median of pairwise ratios "
-            f"{100 * res['overhead_paired']:+.1f}%; compile {jx.get('compile_plain_s', 0):.1f} s without) "
-            f"({verdict} the <= 2% target)."
+            f"{100 * res['overhead_paired']:+.1f}%; the no-projector step compiled in "
+            f"{jx.get('compile_plain_s', 0):.1f} s) ({verdict} the <= 2% target)."
         )
+    if args.mfu_peak_tflops and "step_s" in jx:
+        mfu = res["flops"] / jx["step_s"] / (args.mfu_peak_tflops * 1e12)
+        lines.append(
+            f"- MFU of the JAX step: **{100 * mfu:.1f}%** of {args.mfu_peak_tflops:g} TFLOP/s dense bf16 "
+            "(analytic model FLOPs, remat not counted)."
+        )
+    if jx.get("device_peak_gib"):
+        lines.append(f"- Device memory high-water (JAX): {jx['device_peak_gib']:.2f} GiB.")
     if jx.get("first_loss") is not None and tc.get("first_loss") is not None:
         lines.append(
             f"- First-step loss: JAX {jx['first_loss']:.4f}, PyTorch {tc['first_loss']:.4f} (different random "
-            "weights; both near ln(vocab) as a sanity check)."
+            "weights; both near ln(vocab))."
         )
     if jx.get("xla_flags"):
         lines.append(f"- XLA_FLAGS: `{jx['xla_flags']}`")
@@ -452,8 +547,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--skip-torch", action="store_true", help="skip the PyTorch step (its matmul peak still runs)")
     p.add_argument("--torch-attn", default=None, help="transformers attn_implementation (default: its default)")
+    p.add_argument("--trainable-dtype", choices=("float32", "bfloat16"), default="float32", help="JAX master weights")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX per-layer remat policy")
+    p.add_argument("--jax-platform", default="cpu", help="JAX_PLATFORMS of the JAX worker (cpu, cuda; '' = default)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX worker")
+    p.add_argument(
+        "--jax-patch",
+        choices=("none", "linear-vjp"),
+        default="none",
+        help="experiment: run the JAX step with a proposed library change (see patch_linear_vjp)",
+    )
+    p.add_argument("--mfu-peak-tflops", type=float, help="accelerator's dense peak (TFLOP/s) to report MFU against")
     p.add_argument("--peak-reps", type=int, default=10)
+    p.add_argument("--peak-n", type=int, default=PEAK_N, help="matmul size of the peak measurement")
+    p.add_argument("--peak-dtype", choices=("float32", "bfloat16"), default="float32", help="XLA peak matmul dtype")
     p.add_argument("--results", default=RESULTS, help="markdown file to update ('' to skip)")
     p.add_argument("--label", default="", help="suffix of the RESULTS.md section title")
     p.add_argument("--json", help="also write the raw report here")
@@ -499,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(hf, f)
         hf_path = f.name
     try:
-        tc = spawn(args, hf_path, "torch", ["--peak-only"] if args.skip_torch else None)
+        if not args.skip_torch:
+            tc = spawn(args, hf_path, "torch")
+        elif args.jax_platform == "cpu":  # still measure torch's matmul peak on this CPU
+            tc = spawn(args, hf_path, "torch", ["--peak-only"])
+        else:
+            tc = {}
         jx = spawn(args, hf_path, "jax")
     finally:
         os.unlink(hf_path)
@@ -515,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         "flops": flops,
         "layers": ablation_layers(spec.n_layers),
         "machine": info,
+        "load_end": os.getloadavg()[0],
+        "args": {k: v for k, v in vars(args).items() if k != "argv" and not k.startswith("_")},
     }
     if "tokens_per_s" in jx and "tokens_per_s" in tc:
         res["speedup"] = jx["tokens_per_s"] / tc["tokens_per_s"]
@@ -531,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(body)
     key = f"{hf_name}, {'full fine-tuning' if args.full else 'LoRA'}, {args.dtype}, batch {args.batch} x seq {args.seq}"
+    if args.jax_patch != "none":
+        key += f", experiment {args.jax_patch}"
     if args.label:
         key += f", {args.label}"
     if args.results:
