@@ -6,13 +6,15 @@
 #
 #   benchmarks/gpu.sh                      # from the repository root, with caft_jax installed (pip install -e .)
 #   BATCH=8 REMAT=full benchmarks/gpu.sh   # overrides: BATCH SEQ STEPS WARMUP REMAT PRESET PYTHON PEAK_TFLOPS
-#                                          #   MODES="full lora" OVERHEAD_STEPS SKIP_INSTALL=1 OUT=dir RESULTS=file
+#                                          #   MODES="full lora" OVERHEAD_STEPS PEAK_N SKIP_INSTALL=1 OUT=dir
+#                                          #   RESULTS=file
 #
 # MFU = analytic model FLOPs per step (caft_jax.aot.model_flops, remat not counted: forward 2 * matmul params *
 # tokens + causal attention; backward 2x forward for full fine-tuning, 1x for LoRA) / step time / peak.
 # Needs jax 0.10.2 with CUDA 12 (`pip install "jax[cuda12]==0.10.2"`; installed here if missing and the
 # network allows). For a smoke test of this script without a GPU: ALLOW_CPU=1 JAX_PLATFORM=cpu
-# PRESET=smollm2-135m BATCH=1 SEQ=32 STEPS=1 WARMUP=0 PEAK_TFLOPS=1 benchmarks/gpu.sh
+# PRESET=smollm2-135m BATCH=1 SEQ=32 STEPS=1 WARMUP=0 OVERHEAD_STEPS=1 PEAK_N=1024 PEAK_TFLOPS=1 \
+# RESULTS=/tmp/smoke.md benchmarks/gpu.sh
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +28,7 @@ WARMUP=${WARMUP:-3}
 REMAT=${REMAT:-none}
 MODES=${MODES:-full lora}
 OVERHEAD_STEPS=${OVERHEAD_STEPS:-5}
+PEAK_N=${PEAK_N:-8192}
 JAX_PLATFORM=${JAX_PLATFORM:-cuda}
 RESULTS=${RESULTS:-benchmarks/RESULTS.md}
 OUT=${OUT:-$(mktemp -d /tmp/caft_gpu_bench.XXXXXX)}
@@ -88,7 +91,7 @@ for mode in $MODES; do
     echo "=== $PRESET, $mode, bf16, batch $BATCH x seq $SEQ, remat $REMAT ==="
     if ! "$PYTHON" benchmarks/train_step.py --preset "$PRESET" --dtype bfloat16 --batch "$BATCH" --seq "$SEQ" \
         --steps "$STEPS" --warmup "$WARMUP" --overhead-steps "$OVERHEAD_STEPS" --remat "$REMAT" --skip-torch \
-        --jax-platform "$JAX_PLATFORM" --peak-n 8192 --peak-dtype bfloat16 --peak-reps 20 \
+        --jax-platform "$JAX_PLATFORM" --peak-n "$PEAK_N" --peak-dtype bfloat16 --peak-reps 20 \
         --mfu-peak-tflops "$PEAK" --results "$RESULTS" --label "GPU: $GPU_NAME" --json "$OUT/$mode.json" "${extra[@]}"; then
         echo "gpu.sh: the $mode run failed (out of memory? try BATCH=8 or REMAT=full)" >&2
         status=1
@@ -102,7 +105,7 @@ jx = res["jax"]
 mfu = res["flops"] / jx["step_s"] / peak
 measured = jx.get("matmul_peak_flops")
 print(f"MFU ({mode}): {100 * mfu:.1f}% = {res['flops'] / 1e12:.2f} TFLOP/step / {jx['step_s']:.3f} s "
-      f"/ {peak / 1e12:.0f} TFLOP/s ({jx['tokens_per_s']:.0f} tokens/s; measured 8192^3 bf16 matmul "
+      f"/ {peak / 1e12:.0f} TFLOP/s ({jx['tokens_per_s']:.0f} tokens/s; measured bf16 matmul peak "
       f"{(measured or 0) / 1e12:.0f} TFLOP/s, {100 * res['flops'] / jx['step_s'] / measured:.0f}% of it)"
       + ("  [target >= 50% on an H100 for full fine-tuning]" if mode == "full" else ""))
 EOF

@@ -65,6 +65,7 @@ MODEL_TYPES = {
     "Gemma2ForCausalLM": "gemma2",
 }
 PEAK_N = 2048
+INSERT_MARK = "<!-- train_step: new sections go above this line -->"
 
 
 # ---- helpers shared by the workers ---------------------------------------------------------------------------
@@ -526,6 +527,8 @@ def write_results(path: str, key: str, body: str) -> None:
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     if start in text and end in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    elif INSERT_MARK in text:  # new sections go just above this line, inside the CPU benchmark chapter
+        text = text.replace(INSERT_MARK, section + "\n\n" + INSERT_MARK)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
