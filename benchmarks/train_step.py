@@ -12,7 +12,8 @@ tokens, gradient-norm clipping at 1.0, AdamW.
 * caft_jax: ``init_model`` (random weights), ``CaftTrainer`` on a 1-device mesh, the step compiled ahead of time
   from ``CaftTrainer.compiled_step`` (compile time reported separately) and called on placed arrays.
 * PyTorch reference, written as the CAFT authors' code does it: a transformers model from the same config
-  (default attention implementation, sdpa), peft LoRA (use_rslora), ``register_forward_hook`` on
+  (transformers' default attention implementation: sdpa for Llama/Qwen2/Mistral, eager for Gemma-2), peft LoRA
+  (use_rslora), ``register_forward_hook`` on
   ``model.layers[i]`` doing h <- h - ((h - mu) Q) Q^T, ``model(..., labels=...)`` loss, ``clip_grad_norm_``,
   ``torch.optim.AdamW``.
 
@@ -37,6 +38,9 @@ Targets (reported, never asserted): JAX >= 1.2x PyTorch tokens/s; projector over
 Results are printed as a table and written to a section of benchmarks/RESULTS.md (replaced when the same
 configuration is run again) with the command, machine and versions. Thread settings: XLA:CPU and torch each use
 their defaults (all cores of this process's affinity mask); pass --xla-flags to try XLA:CPU flags.
+
+Experiments: --jax-patch linear-vjp runs the JAX step with a proposed library change (``patch_linear_vjp``).
+On a GPU: --jax-platform cuda --skip-torch --mfu-peak-tflops 989 (benchmarks/gpu.sh does this).
 """
 
 from __future__ import annotations
