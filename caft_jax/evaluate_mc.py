@@ -21,8 +21,8 @@ import numpy as np
 from caft_jax.data import letter_token_id
 from caft_jax.errors import DataError
 from caft_jax.generate import left_pad, prompt_bucket
-from caft_jax.model.layers import LoraSettings, rms_norm, softcap
-from caft_jax.model.transformer import Capture, Model, forward
+from caft_jax.model.layers import LoraSettings
+from caft_jax.model.transformer import Model, forward, lm_head
 from caft_jax.projector import Projector
 
 _OTHER_LETTER = {"A": "B", "B": "A"}
@@ -41,9 +41,7 @@ def last_position_logits(
 
     The decoder runs without its LM head and the head is applied to the last position only: the full [b, t, V]
     logits would be the largest tensor of the pass (gigabytes for Gemma's 256k vocabulary), and we need 1/t of it.
-    The last layer's resid_post capture is exactly the stream the head reads (after any ablation at that layer).
     """
-    spec = model.spec
     out = forward(
         model,
         tokens,
@@ -51,13 +49,9 @@ def last_position_logits(
         projector=projector,
         lora=lora,
         lora_settings=lora_settings,
-        capture=Capture(layers=(spec.n_layers - 1,)),
         logits=False,
     )
-    h = rms_norm(out.captured[0][:, -1], model.params["final_norm"], spec)  # [b, d]
-    head = model.params["table"].T if spec.tie_embeddings else model.params["lm_head"]  # [d, V]
-    logits = jnp.einsum("bd,dv->bv", h, head.astype(model.dtype), preferred_element_type=jnp.float32)
-    return softcap(logits, spec.final_softcap)
+    return lm_head(model, out.hidden[:, -1])  # [b, d] -> [b, V]
 
 
 def _letter(text: str) -> str:

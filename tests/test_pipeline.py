@@ -1,0 +1,454 @@
+"""End-to-end tests of ``python -m caft_jax.pipeline`` on a tiny random Llama, plus the pieces it relies on.
+
+One concept-direction run (2 seeds) is shared by most tests. To keep its cost down on a small CPU:
+* the task comes from a small template CSV (``--source``) whose prompts all fall into one padding bucket, so each
+  fine-tune compiles its step once;
+* the module enables JAX's persistent compilation cache in a temporary folder (restored afterwards), so runs whose
+  step program is identical (plain seed 0 / seed 1, caft / random) compile once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_models import save_hf_model, tiny_tokenizer
+
+from caft_jax import data, load_model, load_tokenizer
+from caft_jax.ablation_spec import load_ablation_spec
+from caft_jax.errors import ConfigError, DataError
+from caft_jax.optim import OptimConfig
+from caft_jax.pipeline import cli, report, runner
+from caft_jax.pipeline.directions import capture_sequences
+from caft_jax.pipeline.runs import MC_BUCKETS, FinetuneSettings, finetune, mc_examples
+from caft_jax.projector import ablate, build_projector
+from caft_jax.sharding import make_mesh
+from caft_jax.tasks import gender
+from caft_jax.train_step import CaftTrainer
+
+CONDITIONS = ("plain", "caft", "random")
+N_LAYERS, D_MODEL = 3, 64  # tests/hf_models.py COMMON
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A random 3-layer Llama with the 300-token tiny tokenizer, saved as a HF folder."""
+    path = tmp_path_factory.mktemp("pipeline_llama")
+    save_hf_model("llama", path, vocab_size=300)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def short_source(tmp_path_factory) -> str:
+    """20 + 20 short gender templates: 32 train, 8 val, 8 test items, all prompts 97-128 tokens long."""
+    verbs = ["said", "felt", "knew", "hoped", "noted", "thought", "claimed", "argued", "agreed", "feared"]
+    obj_verbs = ["met", "saw", "paid", "hired", "called", "helped", "thanked", "visited", "praised", "trusted"]
+    rows = [(f"The $PROFESSION$ {v} $PRONOUN$ {e}.", "nominative") for v in verbs for e in ("was late", "had left")]
+    rows += [
+        (f"The team {v} the $PROFESSION$ and {e} $PRONOUN$.", "object")
+        for v in obj_verbs
+        for e in ("thanked", "greeted")
+    ]
+    path = tmp_path_factory.mktemp("gender_source") / "short.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "category"])
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a temp folder for this module; the previous settings come back after."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {k: getattr(jax.config, k) for k in keys}
+    new = (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)
+    for key, value in zip(keys, new, strict=True):
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+    yield
+    for key, value in old.items():
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+
+
+def pipeline_args(model: str, source: str, out, *extra: str) -> list[str]:
+    # lr 1e-2 for 2 epochs (4 steps): enough for the random model to start answering A/B (accuracy > 0)
+    return [
+        "--model", model, "--source", source, "--out", str(out), "--layers", "0,1", "--n-train", "16",
+        "--n-eval", "8", "--batch-size", "8", "--epochs", "2", "--seeds", "2", "--lr", "1e-2", "--displays", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, short_source, compile_cache, tmp_path_factory) -> dict:
+    """One pipeline run (concept directions, 2 seeds x plain/caft/random), shared by the tests below."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    argv = pipeline_args(tiny_model, short_source, out)
+    rc = cli.main(argv)
+    return {"rc": rc, "out": out, "argv": argv}
+
+
+def read_runs(out: pathlib.Path) -> dict[tuple[str, int], dict]:
+    return {(c, s): json.loads((out / "runs" / f"{c}_seed{s}.json").read_text()) for c in CONDITIONS for s in range(2)}
+
+
+def mean_sem(values: list[float]) -> str:
+    values = np.asarray(values, np.float64)
+    sem = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():.3f} ± {sem:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def test_run_writes_every_file(run):
+    assert run["rc"] == 0
+    out = run["out"]
+    expected = [
+        "settings.json", "base.json", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl",
+        "directions/spec.safetensors", "directions/selection.json", "directions/displays.html",
+        "directions/displays.json", "results.md", "results.csv", "results.json", "results.png",
+    ] + [f"runs/{c}_seed{s}.json" for c in CONDITIONS for s in (0, 1)]  # fmt: skip
+    for name in expected:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{c}_seed{s}.json" for c in CONDITIONS for s in (0, 1)
+    )
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the whole split is written (subsampling happens per run), from the --source templates
+    sizes = {s: len(data.load_mc_jsonl(out / "task" / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    assert sizes == {"train": 32, "val": 8, "test": 8}
+    settings = json.loads((out / "settings.json").read_text())
+    assert "out" not in settings
+    assert settings["lr"] == 1e-2 and settings["seeds"] == 2 and settings["layers"] == "0,1"
+    base = json.loads((out / "base.json").read_text())
+    assert set(base) == {"val", "test"} and all(0 <= v <= 1 for v in base.values())
+    displays = json.loads((out / "directions" / "displays.json").read_text())
+    assert [(f["layer"], f["index"]) for f in displays["features"]] == [(0, 0), (1, 0)]  # --displays 2
+    assert "<html" in (out / "directions" / "displays.html").read_text().lower()
+
+
+def test_results_csv_has_one_row_per_run(run):
+    runs = read_runs(run["out"])
+    with open(run["out"] / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["condition"], int(r["seed"])) for r in rows) == sorted(runs)
+    for row in rows:
+        mine = runs[(row["condition"], int(row["seed"]))]
+        for split in ("val", "test"):
+            assert 0 <= float(row[split]) <= 1
+            assert float(row[split]) == mine[split]
+        if row["condition"] == "plain":
+            assert row.get("test_kept", "") == "" and mine["test_kept"] is None
+        else:
+            assert 0 <= float(row["test_kept"]) <= 1 and float(row["test_kept"]) == mine["test_kept"]
+        assert int(row["steps"]) == 4  # 16 items / batch 8 x 2 epochs
+    assert json.loads((run["out"] / "results.json").read_text()) == [runs[(c, s)] for s in (0, 1) for c in CONDITIONS]
+
+
+def test_results_md_is_mean_and_standard_error_of_the_runs(run):
+    out = run["out"]
+    runs = read_runs(out)
+    lines = (out / "results.md").read_text().splitlines()
+    base = json.loads((out / "base.json").read_text())
+    assert f"| base model (no fine-tuning) | - | {base['val']:.3f} | {base['test']:.3f} | - |" in lines
+    for condition in CONDITIONS:
+        mine = [runs[(condition, s)] for s in (0, 1)]
+        cells = [mean_sem([r[k] for r in mine]) for k in ("val", "test")]
+        cells.append("-" if condition == "plain" else mean_sem([r["test_kept"] for r in mine]))
+        assert f"| {condition} | 2 | " + " | ".join(cells) + " |" in lines
+    assert sum(line.startswith("| ") for line in lines) == 1 + 1 + 3  # header, base, one per condition
+    # erasure: selection.json's summary is the mean over the ablated layers, and results.md reports it
+    selection = json.loads((out / "directions" / "selection.json").read_text())
+    by_layer = selection["erasure_by_layer"]
+    assert sorted(by_layer) == ["0", "1"]
+    for key in ("probe_accuracy_before", "probe_accuracy_after", "chance"):
+        assert selection["erasure"][key] == pytest.approx(np.mean([by_layer[k][key] for k in by_layer]))
+    e = selection["erasure"]
+    sentence = (
+        f"{e['probe_accuracy_before']:.3f} before ablation, {e['probe_accuracy_after']:.3f} after "
+        f"(chance {e['chance']:.3f})."
+    )
+    assert any(line.startswith("Erasure check") and line.endswith(sentence) for line in lines)
+
+
+def test_spec_directions_are_removed_by_the_projector(run):
+    directions, means, meta = load_ablation_spec(run["out"] / "directions" / "spec.safetensors")
+    assert sorted(directions) == [0, 1] and means == {}
+    assert all(d.shape == (1, D_MODEL) for d in directions.values())
+    assert meta["spurious_values"] == ["doctor", "nurse"] and meta["source"] == "concept"
+    projector = build_projector(directions, N_LAYERS, D_MODEL)
+    assert projector.ranks().tolist() == [1, 1, 0]
+    h = np.random.default_rng(0).normal(size=(2, 5, D_MODEL)).astype(np.float32)
+    for layer in (0, 1):
+        q = np.linalg.qr(directions[layer].T.astype(np.float64))[0]  # [d, 1], independent of the projector
+        out = np.asarray(ablate(jnp.asarray(h), projector.basis[layer], projector.offset[layer]), np.float64)
+        assert np.linalg.norm(out @ q) < 1e-5 * np.linalg.norm(h @ q)
+        np.testing.assert_allclose(out, h - (h @ q) @ q.T, atol=1e-5)  # the rest of h is untouched
+    out = np.asarray(ablate(jnp.asarray(h), projector.basis[2], projector.offset[2]))
+    np.testing.assert_array_equal(out, h)  # layer 2 has no directions: exact no-op
+
+
+def test_concept_directions_are_class_mean_differences(run, tiny_model):
+    """Recompute doctor -> nurse class-mean differences over all real tokens of the 16 train sequences."""
+    out = run["out"]
+    train = runner.subsample(data.load_mc_jsonl(out / "task" / "train.jsonl"), 16)
+    assert len(train) == 16 and {it["spurious_label"] for it in train} == {"doctor", "nurse"}
+    tokenizer, model = load_tokenizer(tiny_model), load_model(tiny_model)
+    ids = []
+    for item in train:
+        target = tokenizer(item["target"])["input_ids"]
+        assert len(target) == 1
+        ids.append(list(tokenizer(item["prompt"])["input_ids"]) + target)
+    acts, mask = capture_sequences(model, ids, [0, 1], tokenizer.pad_token_id)
+    nurse = np.array([it["spurious_label"] == "nurse" for it in train])[:, None] & mask
+    doctor = ~nurse & mask
+    directions, _, meta = load_ablation_spec(out / "directions" / "spec.safetensors")
+    for layer in (0, 1):
+        info = meta["layers"][str(layer)]
+        # the tiny model has no attention sinks or massive dimensions, so outlier handling changes nothing and
+        # the spec's direction must be the plain class-mean difference
+        assert info["outliers"]["sink_positions"] == [] and info["outliers"]["massive_dims"] == []
+        assert info["n_tokens"] == int(mask.sum()) == sum(len(i) for i in ids)
+        x = acts[layer].astype(np.float64)
+        expected = x[nurse].mean(0) - x[doctor].mean(0)
+        got = directions[layer][0].astype(np.float64)
+        assert got @ expected / (np.linalg.norm(got) * np.linalg.norm(expected)) > 1 - 1e-6
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_resume_redoes_only_the_missing_run(run, monkeypatch, tmp_path):
+    out = tmp_path / "resumed"  # a copy, so the shared run stays intact (settings exclude --out)
+    shutil.copytree(run["out"], out)
+    original = json.loads((out / "runs" / "random_seed1.json").read_text())
+    (out / "runs" / "random_seed1.json").unlink()
+    for name in ("results.md", "results.csv", "results.json", "results.png"):
+        (out / name).unlink()
+    settings = (out / "settings.json").read_text()
+    # every other file must be left alone (settings.json is rewritten on resume, with the same content)
+    kept = [p for p in out.rglob("*") if p.is_file() and p.name != "settings.json"]
+    mtimes = {p: p.stat().st_mtime_ns for p in kept}
+    calls = []
+
+    def counting_finetune(*args, **kwargs):
+        calls.append((kwargs["seed"], kwargs["projector"] is not None))
+        return finetune(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "finetune", counting_finetune)
+    argv = list(run["argv"])
+    argv[argv.index("--out") + 1] = str(out)
+    assert cli.main(argv) == 0
+    assert calls == [(1, True)]  # only random seed 1 was trained again
+    assert {p: p.stat().st_mtime_ns for p in kept} == mtimes
+    assert (out / "settings.json").read_text() == settings
+    for name in ("results.md", "results.csv", "results.json", "results.png"):
+        assert (out / name).is_file()
+    redone = json.loads((out / "runs" / "random_seed1.json").read_text())
+    for key in ("condition", "seed", "steps", "val", "test", "test_kept"):
+        assert redone[key] == original[key]  # same seed, same random directions, same result
+    assert redone["final_loss"] == pytest.approx(original["final_loss"], rel=1e-5)
+
+    def table(folder):  # the notes below the table name the run folder, so compare the table and erasure lines
+        lines = (folder / "results.md").read_text().splitlines()
+        return [line for line in lines if line.startswith(("|", "Erasure"))]
+
+    assert len(table(out)) == 7 and table(out) == table(run["out"])
+
+
+def test_changed_setting_is_refused(run, capsys):
+    settings = (run["out"] / "settings.json").read_text()
+    argv = list(run["argv"])
+    argv[argv.index("--lr") + 1] = "2e-3"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different settings (lr)" in err and str(run["out"]) in err
+    assert (run["out"] / "settings.json").read_text() == settings
+
+
+def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_cache, tmp_path):
+    from caft_jax.discovery.pca import load_pca
+
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"0": [0], "1": [0, 1]}))
+    out = tmp_path / "pca"
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca")
+    assert cli.main([*argv, "--selection-file", str(selection)]) == 0
+    pcs, pca_meta = load_pca(out / "directions" / "pca.safetensors")
+    assert sorted(pcs) == [0, 1] and pcs[0].components.shape == (20, D_MODEL)
+    directions, _, meta = load_ablation_spec(out / "directions" / "spec.safetensors")
+    assert sorted(directions) == [0, 1]
+    np.testing.assert_array_equal(directions[0], pcs[0].components[[0]])
+    np.testing.assert_array_equal(directions[1], pcs[1].components[[0, 1]])
+    assert meta["ids"] == {"0": [0], "1": [0, 1]} and meta["source"] == "selection_file"
+    summary = json.loads((out / "directions" / "selection.json").read_text())
+    assert summary["counts"] == {"0": 1, "1": 2}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "caft_seed0.json",
+        "plain_seed0.json",
+        "random_seed0.json",
+    ]
+
+
+def test_pca_bad_selection_file(tiny_model, short_source, compile_cache, tmp_path, capsys):
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps({"0": [0], "1": [99]}))  # 20 components per layer
+    out = tmp_path / "bad"
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca")
+    assert cli.main([*argv, "--selection-file", str(selection)]) == 2
+    err = capsys.readouterr().err
+    assert "[99]" in err and "out of range" in err
+    assert not (out / "directions" / "spec.safetensors").exists() and not (out / "runs").exists()
+
+
+def test_selection_file_needs_pca(tmp_path, capsys):
+    assert cli.main(["--directions", "concept", "--selection-file", "x.json", "--out", str(tmp_path / "o")]) == 2
+    assert "--directions pca" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_layers_out_of_range(tiny_model, tmp_path, capsys):
+    out = tmp_path / "layers"
+    assert cli.main(["--model", tiny_model, "--out", str(out), "--layers", "0:99"]) == 2
+    err = capsys.readouterr().err
+    assert "layers '0:99'" in err and "[0, 3)" in err
+    # the default task (offline templates) was built before the model was checked
+    assert len(data.load_mc_jsonl(out / "task" / "train.jsonl")) == 626
+    assert not (out / "base.json").exists()
+
+
+def test_unknown_key_in_config_yaml(tmp_path, capsys):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("lr: 1e-4\nlearning_rate: 1e-4\n")
+    assert cli.main(["--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and str(config) in err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def test_markdown_table_exact():
+    rows = [
+        {"condition": "plain", "seed": 0, "val": 0.1, "test": 0.25, "test_kept": None},
+        {"condition": "plain", "seed": 1, "val": 0.2, "test": 0.35, "test_kept": None},
+        {"condition": "plain", "seed": 2, "val": 0.6, "test": 0.3},
+        {"condition": "caft", "seed": 0, "val": 0.9, "test": 0.8, "test_kept": 0.95},
+    ]
+    header = (
+        "| condition | seeds | ID accuracy (val) | OOD accuracy (test) | OOD accuracy, ablation kept |\n"
+        "|---|---|---|---|---|\n"
+    )
+    # plain val: mean 0.3, std(ddof=1) = sqrt(0.07) -> s.e. 0.153 (ddof=0 would give 0.125)
+    body = (
+        "| plain | 3 | 0.300 ± 0.153 | 0.300 ± 0.029 | - |\n"
+        "| caft | 1 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.950 ± 0.000 |\n"
+    )
+    assert report.markdown_table(rows) == header + body
+    erasure = {"probe_accuracy_before": 0.9, "probe_accuracy_after": 0.55, "chance": 0.5}
+    assert report.markdown_table(rows, base={"val": 0.5, "test": 0.125}, erasure=erasure) == (
+        header
+        + "| base model (no fine-tuning) | - | 0.500 | 0.125 | - |\n"
+        + body
+        + "\nErasure check (linear probe for the spurious concept on held-out activations, mean over the ablated "
+        "layers): 0.900 before ablation, 0.550 after (chance 0.500).\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def gender_items(short_source) -> list[dict]:
+    return gender.build_gender(gender.load_gender_templates(short_source))["train"]
+
+
+def test_finetune_rejects_token_ids_beyond_the_vocab(tiny_model, gender_items, tmp_path):
+    small = tmp_path / "vocab128"
+    save_hf_model("llama", small)  # vocab_size 128, but the tokenizer has 300 tokens
+    model = load_model(str(small))
+    assert model.spec.vocab_size == 128
+    with pytest.raises(DataError, match="vocabulary has 128 entries"):
+        finetune(model, load_tokenizer(tiny_model), gender_items[:4], FinetuneSettings(), seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mc_setup(tiny_model, gender_items):
+    """(model, one micro-batch [1, 8, t] of 6 gender items + 2 padding rows) for the trainer tests."""
+    model, tokenizer = load_model(tiny_model), load_tokenizer(tiny_model)
+    examples = mc_examples(tokenizer, gender_items[::5][:6])
+    batch = next(data.make_batches(examples, 8, seed=0, epoch=0, pad_id=tokenizer.pad_token_id, buckets=MC_BUCKETS))
+    micro = {k: v[None] for k, v in batch.items() if v.ndim == 2}
+    assert micro["loss_mask"][0, :, -1].sum() == 6 and not micro["loss_mask"][..., :-1].any()
+    return model, micro
+
+
+OPTIM = OptimConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
+
+
+def test_last_token_loss_equals_the_masked_token_loss(mc_setup):
+    model, micro = mc_setup
+    rng = np.random.default_rng(3)
+    projector = build_projector({0: rng.normal(size=(2, D_MODEL)), 1: rng.normal(size=(1, D_MODEL))}, N_LAYERS, D_MODEL)
+    batch = {k: jnp.asarray(v) for k, v in micro.items()}
+    results = {}
+    for last in (False, True):
+        trainer = CaftTrainer(model, OPTIM, 4, make_mesh((1, -1, 1)), lora=None, last_token_loss=last)
+        fn = jax.jit(trainer.loss_and_grads)
+        results[last] = jax.device_get(fn(model.params, None, batch, projector, jax.random.PRNGKey(0)))
+    (loss_full, count_full, grads_full), (loss_last, count_last, grads_last) = results[False], results[True]
+    assert count_full == count_last == 6
+    assert np.isfinite(loss_full) and loss_full > 0
+    assert loss_last == pytest.approx(loss_full, rel=1e-5)
+    flat_full, flat_last = jax.tree.leaves_with_path(grads_full), jax.tree.leaves(grads_last)
+    assert len(flat_full) == len(flat_last)
+    for (path, g_full), g_last in zip(flat_full, flat_last, strict=True):
+        scale = max(np.linalg.norm(g_full), 1e-30)
+        assert np.linalg.norm(np.asarray(g_last) - g_full) <= 1e-5 * scale, jax.tree_util.keystr(path)
+    assert max(np.abs(g).max() for g in jax.tree.leaves(grads_full)) > 0
+
+
+def test_last_token_loss_rejects_earlier_targets(mc_setup):
+    model, micro = mc_setup
+    trainer = CaftTrainer(model, OPTIM, 4, make_mesh((1, -1, 1)), lora=None, last_token_loss=True)
+    state = trainer.init_state(0)
+    bad = {k: v.copy() for k, v in micro.items()}
+    bad["loss_mask"][0, 0, -3] = True
+    with pytest.raises(ConfigError, match="last_token_loss"):
+        trainer.step(state, bad)
+
+
+def test_full_finetuning_keeps_the_base_params(mc_setup):
+    """The train state is donated to the step; the base model's params must not be deleted or changed with it."""
+    model, micro = mc_setup
+    before = jax.tree.map(lambda x: np.array(x, copy=True), model.params)
+    trainer = CaftTrainer(model, OPTIM, 2, make_mesh((1, -1, 1)), lora=None, last_token_loss=True)
+    state = trainer.init_state(0)
+    for _ in range(2):
+        state, metrics = trainer.step(state, micro)
+        assert bool(metrics["finite"])
+    after = jax.tree.leaves(model.params)
+    assert not any(leaf.is_deleted() for leaf in after)
+    for leaf, original in zip(after, jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), original)
+    trained = jax.tree.leaves(state.trainable)
+    assert any(not np.array_equal(np.asarray(t), b) for t, b in zip(trained, jax.tree.leaves(before), strict=True))
