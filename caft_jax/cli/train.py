@@ -135,7 +135,13 @@ def run(args: argparse.Namespace) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     projector = build_projector_from_config(cfg, model.spec)
     trainer = CaftTrainer(
-        model, cfg.optim, total_steps, mesh, lora=cfg.lora, trainable_dtype=cfg.trainable_dtype, remat=cfg.remat,
+        model,
+        cfg.optim,
+        total_steps,
+        mesh,
+        lora=cfg.lora,
+        trainable_dtype=cfg.trainable_dtype,
+        remat=cfg.remat,
         last_token_loss=cfg.data.format == "mc",
     )
     ckpt = CheckpointManager(

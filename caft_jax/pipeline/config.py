@@ -31,12 +31,13 @@ class PipelineConfig:
     source_b: str = ""
     model: str = ""
     dtype: str = "float32"
+    trainable_dtype: str = "float32"
     out: str = "runs/pipeline"
     seeds: int = 3
-    n_train: int = 256
+    n_train: int = 128
     n_eval: int = 0
     epochs: float = 4.0
-    lr: float = 1e-5
+    lr: float = 5e-5
     batch_size: int = 16
     lora_rank: int = 0
     remat: str = "none"
@@ -67,7 +68,7 @@ class PipelineConfig:
 
 
 def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
-    """"0:30:3" (a range), "4,8,12" (a list) or "all" -> sorted layer indices, checked against n_layers."""
+    """ "0:30:3" (a range), "4,8,12" (a list) or "all" -> sorted layer indices, checked against n_layers."""
     spec = str(spec).strip()
     try:
         if spec == "all":

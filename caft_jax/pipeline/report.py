@@ -69,7 +69,9 @@ def write_report(
     out = pathlib.Path(out_dir)
     json_path, csv_path = write_results(list(rows), out, "results")
     md = out / "results.md"
-    md.write_text(f"# {title}\n\n" + markdown_table(rows, base=base, erasure=erasure) + (f"\n{notes}\n" if notes else ""))
+    md.write_text(
+        f"# {title}\n\n" + markdown_table(rows, base=base, erasure=erasure) + (f"\n{notes}\n" if notes else "")
+    )
     long_rows = [
         {"condition": r["condition"], "seed": r["seed"], "split": split, "accuracy": r[field]}
         for r in rows

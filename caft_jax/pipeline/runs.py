@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from caft_jax import data
@@ -42,6 +43,7 @@ class FinetuneSettings:
       optim: AdamW recipe (lr, betas (0.9, 0.95), weight decay 0.01, 50% linear warmup, linear decay).
       lora: LoRA config, or None for full fine-tuning (the paper's setting for the spurious tasks).
       remat: per-layer rematerialisation ("none" | "full" | "dots").
+      trainable_dtype: dtype of the trained weights and AdamW moments ("bfloat16" = the paper's pure-bf16 run).
     """
 
     epochs: float = 4.0
@@ -49,6 +51,7 @@ class FinetuneSettings:
     optim: OptimConfig = OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
     lora: LoraConfig | None = None
     remat: str = "none"
+    trainable_dtype: str = "float32"
 
 
 def mc_examples(tokenizer, items: Sequence[dict]) -> list[data.Example]:
@@ -92,6 +95,7 @@ def finetune(
         make_mesh((1, -1, 1)),
         lora=settings.lora,
         remat=settings.remat,
+        trainable_dtype=jnp.dtype(settings.trainable_dtype),
         last_token_loss=True,
     )
     state = trainer.init_state(seed)
