@@ -78,6 +78,14 @@ def prompt_bucket(n: int, min_bucket: int = MIN_BUCKET) -> int:
     return max(min_bucket, 1 << max(int(n) - 1, 0).bit_length())
 
 
+def short_prompt_bucket(n: int) -> int:
+    """Padded length of a scoring pass (no decode room needed): multiples of 8 up to 128, then powers of two.
+
+    Multiple-choice prompts are ~30-60 tokens; a power of two would pad a 40-token prompt to 64, 60% more work.
+    """
+    return -(-int(n) // 8) * 8 if n <= 128 else prompt_bucket(n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Token selection
 # ---------------------------------------------------------------------------------------------------------------

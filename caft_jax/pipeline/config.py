@@ -38,7 +38,7 @@ class PipelineConfig:
     n_eval: int = 0
     epochs: float = 4.0
     lr: float = 5e-5
-    batch_size: int = 16
+    batch_size: int = 8
     lora_rank: int = 0
     remat: str = "none"
     directions: str = "concept"
