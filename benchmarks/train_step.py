@@ -39,7 +39,7 @@ Results are printed as a table and written to a section of benchmarks/RESULTS.md
 configuration is run again) with the command, machine and versions. Thread settings: XLA:CPU and torch each use
 their defaults (all cores of this process's affinity mask); pass --xla-flags to try XLA:CPU flags.
 
-Experiments: --jax-patch linear-vjp runs the JAX step with a proposed library change (``patch_linear_vjp``).
+Experiments: --jax-patch autodiff-linear runs the JAX step as the library was before its linear VJP.
 On a GPU: --jax-platform cuda --skip-torch --mfu-peak-tflops 989 (benchmarks/gpu.sh does this).
 """
 
@@ -209,49 +209,18 @@ def xla_matmul_peak(reps: int, n: int = PEAK_N, dtype: str = "float32") -> float
     return 2 * n**3 / min(times)
 
 
-def patch_linear_vjp() -> None:
-    """Experiment (--jax-patch linear-vjp), NOT the library: every projection with a hand-written VJP.
+def patch_autodiff_linear() -> None:
+    """Experiment (--jax-patch autodiff-linear): the library before its hand-written linear VJP.
 
-    Same products as autodiff, in a different operand order. For y = x @ W, JAX's autodiff computes the weight
-    gradient as (g^T x)^T with the cotangent g [b, t, out] as the first operand; XLA:CPU then materialises a
-    transposed copy of g, fused into the elementwise backward that produces g (the SiLU backward for gate/up),
-    on every layer. Writing dW = x^T g with the layer input first avoids it; for LoRA the same function is used
-    for x @ A and (x A) @ B, so dB = (x A)^T g transposes only the small [b, t, r] operand. In LoRA mode the
-    frozen base weight's gradient is computed in the backward and then dead-code-eliminated by XLA.
-    The proposed library diff is the same code in caft_jax/model/layers.py (see benchmarks/RESULTS.md).
+    caft_jax.model.layers.linear computes dW = x^T g with the layer input first. Plain autodiff computes (g^T x)^T
+    with the cotangent g [b, t, out] first, and XLA:CPU then materialises a transposed copy of g on every layer
+    (benchmarks/RESULTS.md). This swaps the plain einsum back in, to measure the difference in one invocation.
     """
-    import jax
     import jax.numpy as jnp
 
     from caft_jax.model import layers
 
-    @jax.custom_vjp
-    def linear(x, w):
-        return jnp.einsum("bti,io->bto", x, w)
-
-    def linear_fwd(x, w):
-        return linear(x, w), (x, w)
-
-    def linear_bwd(res, g):
-        x, w = res
-        return jnp.einsum("bto,io->bti", g, w), jnp.einsum("bti,bto->io", x, g)
-
-    linear.defvjp(linear_fwd, linear_bwd)
-
-    def project(self, x, name, lora, lora_settings, rng):
-        w = getattr(self, name)[...].astype(self.dtype)
-        y = linear(x, w)
-        if lora is not None and name in lora:
-            a = lora[name]["a"].astype(self.dtype)
-            b = lora[name]["b"].astype(self.dtype)
-            if lora_settings.dropout and rng is not None:
-                key = jax.random.fold_in(rng, layers._PROJ_IDS[name])
-                keep = jax.random.bernoulli(key, 1 - lora_settings.dropout, x.shape)
-                x = jnp.where(keep, x / (1 - lora_settings.dropout), 0).astype(x.dtype)
-            y = y + (lora_settings.scale * linear(linear(x, a), b)).astype(y.dtype)
-        return y
-
-    layers.Linears.project = project
+    layers.linear = lambda x, w: jnp.einsum("bti,io->bto", x, w)  # Linears.project looks the name up per call
 
 
 def device_peak_gib(device) -> float | None:
@@ -268,8 +237,8 @@ def jax_worker(args, hf: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    if args.jax_patch == "linear-vjp":
-        patch_linear_vjp()
+    if args.jax_patch == "autodiff-linear":
+        patch_autodiff_linear()
 
     from caft_jax.lora import LoraConfig
     from caft_jax.model.spec import spec_from_hf_config
@@ -560,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX worker")
     p.add_argument(
         "--jax-patch",
-        choices=("none", "linear-vjp"),
+        choices=("none", "autodiff-linear"),
         default="none",
-        help="experiment: run the JAX step with a proposed library change (see patch_linear_vjp)",
+        help="experiment: run the JAX step without the library's hand-written linear VJP (see patch_autodiff_linear)",
     )
     p.add_argument("--mfu-peak-tflops", type=float, help="accelerator's dense peak (TFLOP/s) to report MFU against")
     p.add_argument("--peak-reps", type=int, default=10)

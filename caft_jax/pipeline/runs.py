@@ -54,6 +54,29 @@ class FinetuneSettings:
     trainable_dtype: str = "float32"
 
 
+# One trainer per (model, recipe, length, with or without ablation): its jitted step compiles once, and every
+# later run and seed reuses it.
+_TRAINERS: dict[tuple, CaftTrainer] = {}
+
+
+def _trainer(model: Model, settings: FinetuneSettings, total: int, ablates: bool) -> CaftTrainer:
+    key = (id(model), settings, total, ablates)  # the step's input shardings depend on whether a projector is given
+    if key not in _TRAINERS or _TRAINERS[key].model is not model:
+        if any(k[:3] != key[:3] for k in _TRAINERS):
+            _TRAINERS.clear()  # a new model or recipe: drop the old ones (and their compiled steps)
+        _TRAINERS[key] = CaftTrainer(
+            model,
+            settings.optim,
+            total,
+            make_mesh((1, -1, 1)),
+            lora=settings.lora,
+            remat=settings.remat,
+            trainable_dtype=jnp.dtype(settings.trainable_dtype),
+            last_token_loss=True,
+        )
+    return _TRAINERS[key]
+
+
 def mc_examples(tokenizer, items: Sequence[dict]) -> list[data.Example]:
     """(ids, loss_mask) of each item: prompt then its target letter, the loss on that letter only."""
     return [data.mc_example(tokenizer, item["prompt"], item["target"]) for item in items]
@@ -88,16 +111,7 @@ def finetune(
         )
     steps_per_epoch = data.num_batches(len(examples), settings.batch_size)
     total = max(1, math.ceil(steps_per_epoch * settings.epochs))
-    trainer = CaftTrainer(
-        model,
-        settings.optim,
-        total,
-        make_mesh((1, -1, 1)),
-        lora=settings.lora,
-        remat=settings.remat,
-        trainable_dtype=jnp.dtype(settings.trainable_dtype),
-        last_token_loss=True,
-    )
+    trainer = _trainer(model, settings, total, projector is not None)
     state = trainer.init_state(seed)
     pad_id = data.pad_token_id(tokenizer)
     started, losses, step, epoch = time.time(), [], 0, 0
