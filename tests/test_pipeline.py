@@ -23,10 +23,10 @@ from hf_models import save_hf_model, tiny_tokenizer
 
 from caft_jax import data, load_model, load_tokenizer
 from caft_jax.ablation_spec import load_ablation_spec
+from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError, DataError
 from caft_jax.optim import OptimConfig
 from caft_jax.pipeline import cli, report, runner
-from caft_jax.pipeline.directions import capture_sequences
 from caft_jax.pipeline.runs import MC_BUCKETS, FinetuneSettings, finetune, mc_examples
 from caft_jax.projector import ablate, build_projector
 from caft_jax.sharding import make_mesh

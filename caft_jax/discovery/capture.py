@@ -336,3 +336,37 @@ def pair_pca(
         progress=progress,
     )
     return {layer: acc.finalize(n_components) for layer, acc in accumulators.items()}
+
+
+def capture_sequences(
+    model: Model,
+    ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    pad_id: int,
+    *,
+    site: str = "resid_post",
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    batch_size: int = 32,
+    length: int | None = None,
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Activations of whole sequences (every position), left-padded to one length, for per-sequence statistics.
+
+    Args:
+      ids: token ids per sequence; length: padded length (default: the longest sequence).
+    Returns:
+      ({layer: float32 [n_seq, t, d]}, attn_mask bool [n_seq, t]).
+    """
+    from caft_jax import data
+
+    length = length or max(len(i) for i in ids)
+    batch = data.pad_and_stack(ids, [[False] * len(i) for i in ids], length, pad_id)
+    capture = Capture(tuple(int(x) for x in layers), site, jnp.float32)
+    chunks: dict[int, list[np.ndarray]] = {int(layer): [] for layer in layers}
+    for lo in range(0, len(ids), batch_size):
+        tokens = jnp.asarray(batch["tokens"][lo : lo + batch_size])
+        mask = jnp.asarray(batch["attn_mask"][lo : lo + batch_size])
+        captured = _capture_step(model, tokens, mask, lora, _eval_settings(lora_settings), None, capture)
+        for slot, layer in enumerate(capture.layers):
+            chunks[layer].append(np.asarray(captured[slot]))
+    return {layer: np.concatenate(c) for layer, c in chunks.items()}, batch["attn_mask"]

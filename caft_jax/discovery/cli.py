@@ -61,9 +61,8 @@ def _training_batches(args, tokenizer):
 
 def _labelled_sequences(args, model, tokenizer, layers):
     """Activations [n_seq, t, d] per layer, attention masks and labels of a {"prompt", "label"} JSONL file."""
-    import jax.numpy as jnp
-
-    from caft_jax import Capture, data, jit_forward
+    from caft_jax import data
+    from caft_jax.discovery.capture import capture_sequences
 
     records = [json.loads(line) for line in open(args.labelled) if line.strip()]
     if not records or any("prompt" not in r or "label" not in r for r in records):
@@ -73,15 +72,10 @@ def _labelled_sequences(args, model, tokenizer, layers):
     labels = np.asarray([values.index(str(r["label"])) for r in records])
     ids = [tokenizer(r["prompt"])["input_ids"][: args.max_len] for r in records]
     length = data.Bucketer().length_for(max(len(i) for i in ids))
-    batch = data.pad_and_stack(ids, [[False] * len(i) for i in ids], length, data.pad_token_id(tokenizer))
-    acts = {layer: [] for layer in layers}
-    for lo in range(0, len(ids), args.batch_size):
-        tokens = jnp.asarray(batch["tokens"][lo : lo + args.batch_size])
-        mask = jnp.asarray(batch["attn_mask"][lo : lo + args.batch_size])
-        out = jit_forward(model, tokens, attn_mask=mask, capture=Capture(tuple(layers), args.site), logits=False)
-        for slot, layer in enumerate(layers):
-            acts[layer].append(np.asarray(out.captured[slot], np.float32))
-    return {k: np.concatenate(v) for k, v in acts.items()}, batch["attn_mask"], labels, values
+    acts, mask = capture_sequences(
+        model, ids, layers, data.pad_token_id(tokenizer), site=args.site, batch_size=args.batch_size, length=length
+    )
+    return acts, mask, labels, values
 
 
 def cmd_pca(args) -> int:

@@ -1,5 +1,5 @@
 """Directions to ablate for a multiple-choice task: supervised concept directions, or PCA of fine-tuning differences
-with probe-guided selection, plus the random-direction baseline.
+with probe-guided selection.
 
 All captures run the one ``forward`` with a ``Capture`` spec (caft_jax.discovery); sequences are the task's train
 prompts followed by their answer letter, as the authors' PCA uses them (caft_method.md 2.2).
@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from caft_jax import data
-from caft_jax.discovery.capture import positions_mask
 from caft_jax.discovery.concepts import OutlierRule, detect_outliers, keep_mask
 from caft_jax.discovery.pca import StreamingPCA
-from caft_jax.discovery.select import Selection, fit_concepts, from_concepts, probe_guided, random_orthonormal
-from caft_jax.model.layers import LoraSettings
-from caft_jax.model.transformer import Capture, Model, jit_forward
+from caft_jax.discovery.select import Selection, fit_concepts, from_concepts, probe_guided
 
 
 def labelled_sequences(tokenizer, items: Sequence[dict], field: str = "spurious_label"):
@@ -27,35 +23,6 @@ def labelled_sequences(tokenizer, items: Sequence[dict], field: str = "spurious_
     ids = [ex[0] for ex in (data.mc_example(tokenizer, it["prompt"], it["target"]) for it in items)]
     labels = np.asarray([values.index(str(item[field])) for item in items])
     return ids, labels, values
-
-
-def capture_sequences(
-    model: Model,
-    ids: Sequence[Sequence[int]],
-    layers: Sequence[int],
-    pad_id: int,
-    *,
-    lora: dict | None = None,
-    lora_settings: LoraSettings | None = None,
-    batch_size: int = 32,
-) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    """resid_post activations of whole sequences, left-padded to one length.
-
-    Returns ({layer: float32 [n_seq, t, d]}, attn_mask bool [n_seq, t]).
-    """
-    length = max(len(i) for i in ids)
-    batch = data.pad_and_stack(ids, [[False] * len(i) for i in ids], length, pad_id)
-    acts = {layer: [] for layer in layers}
-    capture = Capture(tuple(int(x) for x in layers), "resid_post", jnp.float32)
-    for lo in range(0, len(ids), batch_size):
-        tokens = jnp.asarray(batch["tokens"][lo : lo + batch_size])
-        mask = jnp.asarray(batch["attn_mask"][lo : lo + batch_size])
-        out = jit_forward(
-            model, tokens, attn_mask=mask, lora=lora, lora_settings=lora_settings, capture=capture, logits=False
-        )
-        for slot, layer in enumerate(layers):
-            acts[layer].append(np.asarray(out.captured[slot]))
-    return {layer: np.concatenate(chunks) for layer, chunks in acts.items()}, batch["attn_mask"]
 
 
 def concept_selection(
@@ -94,11 +61,6 @@ def difference_pca(
     return results
 
 
-def last_token_acts(acts: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Activations at each sequence's last token (the answer letter; sequences are left-padded)."""
-    return {layer: x[:, -1] for layer, x in acts.items()}
-
-
 def pca_probe_selection(
     pcs: dict,
     acts: dict[int, np.ndarray],
@@ -130,20 +92,3 @@ def pca_probe_selection(
     directions = {layer: pcs[layer].components[ids] for layer, ids in keep_ids.items()}
     meta = dict(selection.metadata, intended_auc=against, intended_max=intended_max)
     return Selection(directions, None, keep_ids, meta)
-
-
-def random_like(selection: Selection, d_model: int, seed: int) -> Selection:
-    """Random orthonormal directions, as many per layer as ``selection`` has (the random-direction baseline)."""
-    return random_orthonormal(d_model, selection.counts(), seed=seed)
-
-
-__all__ = [
-    "capture_sequences",
-    "concept_selection",
-    "difference_pca",
-    "labelled_sequences",
-    "last_token_acts",
-    "pca_probe_selection",
-    "positions_mask",
-    "random_like",
-]

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 
 from caft_jax import data
+from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError
 from caft_jax.lora import LoraConfig
 from caft_jax.optim import OptimConfig
@@ -32,23 +33,13 @@ def build_task(cfg: PipelineConfig, folder: pathlib.Path) -> dict[str, list[dict
     if cfg.task == "gender":
         from caft_jax.tasks import gender
 
-        source = gender.HUB_ID if cfg.source == "hub" else cfg.source
-        templates = gender.load_gender_templates(source) if source else gender.offline_templates()
-        splits = gender.build_gender(templates)
+        splits = gender.build_gender(gender.templates_from(cfg.source))
     else:
         from caft_jax.tasks import mcmc
-        from caft_jax.tasks.generators import GENERATORS
 
-        def rows(name, source):
-            if source == "hub":  # the authors' HF dataset for this component
-                return mcmc.load_component(mcmc.HUB_IDS[name])
-            if source:
-                return mcmc.load_component(source)
-            if name not in GENERATORS:
-                raise ConfigError(f"{name} has no offline generator; pass --source-a/--source-b with a local copy.")
-            return GENERATORS[name](seed=0)
-
-        splits = mcmc.build_mcmc(rows(cfg.a, cfg.source_a), rows(cfg.b, cfg.source_b), cfg.intended)
+        rows_a = mcmc.component_rows(cfg.a, cfg.source_a, flag="--source-a")  # offline unless a source is given
+        rows_b = mcmc.component_rows(cfg.b, cfg.source_b, flag="--source-b")
+        splits = mcmc.build_mcmc(rows_a, rows_b, cfg.intended)
     for name, records in splits.items():
         write_jsonl(folder / f"{name}.jsonl", records)
     return splits
@@ -109,14 +100,14 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layer
     pad_id = data.pad_token_id(tokenizer)
     ids, spurious, values = D.labelled_sequences(tokenizer, train, "spurious_label")
     intended = D.labelled_sequences(tokenizer, train, "intended_label")[1]
-    base_acts, mask = D.capture_sequences(model, ids, layers, pad_id)
+    base_acts, mask = capture_sequences(model, ids, layers, pad_id)
     if cfg.directions == "concept":
         selection = D.concept_selection(
             base_acts, mask, spurious, method=cfg.concept_method, mean_ablation=cfg.mean_ablation
         )
     else:
         tuned_model, lora, lora_settings = tuned_parts(model, tuned_trainable, settings)
-        tuned_acts, _ = D.capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
+        tuned_acts, _ = capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
         pcs = D.difference_pca(base_acts, tuned_acts, mask, n_components=cfg.n_components)
         save_pca(folder / "pca.safetensors", pcs, {"layers": layers, "token_count": int(mask.sum())})
         if cfg.selection_file:
@@ -133,7 +124,7 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layer
     selection.save(folder / "spec.safetensors", {"spurious_values": values})
     # Erasure check on the base model's answer-position activations: train probes, score on held-out val items.
     val_ids, val_spurious, _ = D.labelled_sequences(tokenizer, val, "spurious_label")
-    val_acts, _ = D.capture_sequences(model, val_ids, sorted(selection.directions), pad_id)
+    val_acts, _ = capture_sequences(model, val_ids, sorted(selection.directions), pad_id)
     erasure = erasure_check_spec(
         selection.directions,
         {layer: base_acts[layer][:, -1] for layer in selection.directions},

@@ -21,7 +21,6 @@ from pathlib import Path
 from caft_jax.errors import CaftError, ConfigError
 from caft_jax.tasks import gender, mcmc
 from caft_jax.tasks.em import question_files, split_chat_jsonl, write_jsonl
-from caft_jax.tasks.generators import GENERATORS
 
 
 def _write_task(out: Path, splits: dict[str, list[dict]], info: dict) -> None:
@@ -34,20 +33,6 @@ def _write_task(out: Path, splits: dict[str, list[dict]], info: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- mcmc
-
-
-def _component_rows(name: str, source: str | None, offline: bool, flag: str, gen_seed: int) -> list[dict]:
-    """Rows of one component: the local/hub ``source`` if given, else a generator (offline) or the hub dataset."""
-    if source:
-        return mcmc.load_component(source)
-    if not offline:
-        return mcmc.load_component(name)
-    if name not in GENERATORS:
-        raise ConfigError(
-            f"{name} has no offline generator (it tests a model's knowledge of real athletes); pass {flag} PATH "
-            f"to a local copy of {mcmc.HUB_IDS[name]}, such as sports.csv."
-        )
-    return GENERATORS[name](seed=gen_seed)
 
 
 def add_mcmc_parser(subparsers) -> None:
@@ -72,8 +57,12 @@ def add_mcmc_parser(subparsers) -> None:
 def run_mcmc(args: argparse.Namespace) -> int:
     if args.a == args.b:
         raise ConfigError(f"--a and --b are both {args.a}; pair two different components.")
-    rows_a = _component_rows(args.a, args.source_a, args.offline, "--source-a", args.generator_seed)
-    rows_b = _component_rows(args.b, args.source_b, args.offline, "--source-b", args.generator_seed)
+    rows_a = mcmc.component_rows(
+        args.a, args.source_a, offline=args.offline, generator_seed=args.generator_seed, flag="--source-a"
+    )
+    rows_b = mcmc.component_rows(
+        args.b, args.source_b, offline=args.offline, generator_seed=args.generator_seed, flag="--source-b"
+    )
     settings = {
         "max_len": args.max_len,
         "train_frac": args.train_frac,
@@ -140,7 +129,7 @@ def add_gender_parser(subparsers) -> None:
 
 
 def run_gender(args: argparse.Namespace) -> int:
-    templates = gender.load_gender_templates(args.source) if args.source else gender.offline_templates()
+    templates = gender.templates_from(args.source)
     splits = gender.build_gender(templates, seed=args.seed)
     info = {"task": "gender", "source": args.source or "offline templates", "seed": args.seed}
     _write_task(Path(args.out), splits, info)

@@ -62,6 +62,13 @@ def load_gender_templates(source: str | os.PathLike) -> list[dict]:
     return [{"text": r["text"], "category": r["category"]} for r in rows]
 
 
+def templates_from(source: str | None) -> list[dict]:
+    """Templates from ``source`` (local file, hub id, or "hub" for the authors' dataset), else the offline ones."""
+    if not source:
+        return offline_templates()
+    return load_gender_templates(HUB_ID if source == "hub" else source)
+
+
 def _item(sentence: str, category: str, profession: str, gender: str, split: str, rng: random.Random) -> dict:
     correct = PRONOUNS[(category, gender)]
     alternative = ALTERNATIVE[correct]

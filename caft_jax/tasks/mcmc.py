@@ -317,3 +317,23 @@ def build_mcmc(
         start += size
     check_contamination(splits)
     return splits
+
+
+def component_rows(
+    name: str, source: str | None = None, *, offline: bool = True, generator_seed: int = 0, flag: str = "--source"
+) -> list[dict]:
+    """Rows of component ``name``: from ``source`` (a local CSV/JSONL, a hub id, or "hub" for the authors' dataset),
+    else from this project's offline generator (``offline``) or the authors' hub dataset. ``flag`` names the
+    command-line option for the source in the error message."""
+    from caft_jax.tasks.generators import GENERATORS
+
+    if source == "hub" or (not source and not offline):
+        return load_component(HUB_IDS[name])
+    if source:
+        return load_component(source)
+    if name not in GENERATORS:
+        raise ConfigError(
+            f"{name} has no offline generator (it tests a model's knowledge of real athletes); pass {flag} PATH "
+            f"to a local copy of {HUB_IDS[name]}, such as sports.csv."
+        )
+    return GENERATORS[name](seed=generator_seed)
