@@ -39,7 +39,8 @@ Results are printed as a table and written to a section of benchmarks/RESULTS.md
 configuration is run again) with the command, machine and versions. Thread settings: XLA:CPU and torch each use
 their defaults (all cores of this process's affinity mask); pass --xla-flags to try XLA:CPU flags.
 
-Experiments: --jax-patch autodiff-linear runs the JAX step as the library was before its linear VJP.
+Experiments: --jax-patch autodiff-linear | autodiff-attention | sliced-loss | previous swaps the library's linear
+VJP, its attention (block-causal, custom VJP) or its token loss back to the plain versions they replaced, or all three.
 On a GPU: --jax-platform cuda --skip-torch --mfu-peak-tflops 989 (benchmarks/gpu.sh does this).
 """
 
@@ -223,6 +224,48 @@ def patch_autodiff_linear() -> None:
     layers.linear = lambda x, w: jnp.einsum("bti,io->bto", x, w)  # Linears.project looks the name up per call
 
 
+def patch_autodiff_attention() -> None:
+    """Experiment (--jax-patch autodiff-attention): attention as before its block-causal split and custom VJP.
+
+    One softmax over the full [t, s] square per layer, differentiated by autodiff (which saves the probabilities).
+    """
+    import jax.numpy as jnp
+
+    from caft_jax.model import layers
+
+    def attend(q, keys, values, mask, spec, dtype):
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+        probs = layers.masked_softmax(layers.softcap(logits * spec.query_scale, spec.attn_softcap), mask)
+        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), values)
+
+    layers._attend, layers.CAUSAL_BLOCK = attend, 1 << 30
+
+
+def patch_sliced_loss() -> None:
+    """Experiment (--jax-patch sliced-loss): the token loss as before, slicing logits[:, :-1] (a copy of [b, t, V])."""
+    import jax
+    import jax.numpy as jnp
+
+    from caft_jax import train_step
+
+    def token_losses(logits, tokens, loss_mask):
+        logits = logits[:, :-1].astype(jnp.float32)
+        mask = loss_mask[:, 1:].astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * mask), jnp.sum(mask)
+
+    train_step.token_losses = token_losses
+
+
+JAX_PATCHES = {
+    "none": (),
+    "autodiff-linear": (patch_autodiff_linear,),
+    "autodiff-attention": (patch_autodiff_attention,),
+    "sliced-loss": (patch_sliced_loss,),
+    "previous": (patch_autodiff_linear, patch_autodiff_attention, patch_sliced_loss),  # before all three
+}
+
+
 def device_peak_gib(device) -> float | None:
     try:
         stats = device.memory_stats() or {}
@@ -237,8 +280,8 @@ def jax_worker(args, hf: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    if args.jax_patch == "autodiff-linear":
-        patch_autodiff_linear()
+    for patch in JAX_PATCHES[args.jax_patch]:
+        patch()
 
     from caft_jax.lora import LoraConfig
     from caft_jax.model.spec import spec_from_hf_config
@@ -529,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the JAX worker")
     p.add_argument(
         "--jax-patch",
-        choices=("none", "autodiff-linear"),
+        choices=tuple(JAX_PATCHES),
         default="none",
         help="experiment: run the JAX step without the library's hand-written linear VJP (see patch_autodiff_linear)",
     )

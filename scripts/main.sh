@@ -11,6 +11,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# No GPU or TPU here: say so, or libtpu (installed with the test extras for AOT compiles) probes for a TPU and warns.
+if [ -z "${JAX_PLATFORMS:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1 && ! ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then
+  export JAX_PLATFORMS=cpu
+fi
 OUT=runs/pipeline
 for arg in "$@"; do [ "$arg" = "--quick" ] && OUT=runs/pipeline_quick; done
 python -m caft_jax.pipeline --out "$OUT" "$@"

@@ -38,8 +38,8 @@ def hf_logits(model, tokens, mask, positions):
         )
 
 
-def assert_logits_match(model_dir, hf_model, vocab=128, atol=1e-4):
-    tokens, mask, positions = left_padded_batch(vocab)
+def assert_logits_match(model_dir, hf_model, vocab=128, atol=1e-4, t=T):
+    tokens, mask, positions = left_padded_batch(vocab, t)
     ref = hf_logits(hf_model, tokens, mask, positions)
     ours = np.asarray(jit_forward(load_model(model_dir), jnp.asarray(tokens), attn_mask=jnp.asarray(mask)).logits)
     # Padding rows are garbage in both implementations; compare real tokens only.
@@ -48,10 +48,11 @@ def assert_logits_match(model_dir, hf_model, vocab=128, atol=1e-4):
     return ref
 
 
+@pytest.mark.parametrize("t", [T, 256])  # 256: the block-causal path (caft_jax.model.layers.CAUSAL_BLOCK = 128)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(family, tiny_models):
+def test_logits_match_transformers(family, t, tiny_models):
     model_dir, hf_model = tiny_models[family]
-    ref = assert_logits_match(model_dir, hf_model)
+    ref = assert_logits_match(model_dir, hf_model, t=t)
     if family == "gemma2":  # the final soft-cap (3.0) must actually be reached: tanh saturates near the cap
         assert np.abs(ref).max() > 0.75 * 3.0
 
