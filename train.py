@@ -1,4 +1,4 @@
-"""CAFT fine-tuning: `python train.py --config configs/X.yaml [key=value ...] [--resume]`.
+"""CAFT fine-tuning: `python train.py --config configs/X.yaml [key=value ...] [--resume]` (= `caft train`).
 
 See caft_jax/cli/train.py.
 """

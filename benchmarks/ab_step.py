@@ -28,9 +28,17 @@ import train_step as bench  # noqa: E402  (benchmarks/train_step.py: shapes, pat
 def patched_attributes():
     """The module attributes the patches replace, so that each variant can be undone."""
     from caft_jax import train_step
-    from caft_jax.model import layers
+    from caft_jax.model import layers, transformer
 
-    return [(layers, "linear"), (layers, "_attend"), (layers, "CAUSAL_BLOCK"), (train_step, "token_losses")]
+    return [
+        (layers, "linear"),
+        (layers, "_attend"),
+        (layers, "CAUSAL_BLOCK"),
+        (train_step, "token_losses"),
+        (transformer, "head_logits"),
+        (transformer, "ablate"),
+        (train_step.CaftTrainer, "loss_and_grads"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (master: fp32)")
+    p.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), help="operand dtype of the products")
+    p.add_argument("--loss", choices=("tokens", "last"), default="tokens", help="all tokens, or the last one (MC)")
     args = p.parse_args(argv)
 
     import jax
@@ -57,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = spec_from_hf_config(PRESETS[args.preset])
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    model = init_model(spec)
+    model = init_model(spec, param_dtype=args.dtype, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     optim = OptimConfig(lr=1e-5, weight_decay=0.01, warmup_steps=0, clip_norm=1.0)
     lora = None if args.full else LoraConfig(rank=bench.LORA_RANK, alpha=bench.LORA_ALPHA, rslora=True)
     directions = bench.random_directions(spec.n_layers, spec.d_model, 8)
     projector = build_projector(directions, spec.n_layers, spec.d_model, k_max=8)
     tokens = bench.random_tokens(spec.vocab_size, args.batch, args.seq)[None]  # [accum=1, b, t]
     ones = np.ones(tokens.shape, bool)
+    loss_mask = ones if args.loss == "tokens" else np.zeros(tokens.shape, bool)
+    loss_mask[..., -1] = True
 
     steps, states = {}, {}
     for name in args.variants:
@@ -71,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         for patch in bench.JAX_PATCHES[name]:
             patch()
         try:
-            trainer = CaftTrainer(model, optim, 1000, mesh, lora=lora)
+            trainer = CaftTrainer(model, optim, 1000, mesh, lora=lora, last_token_loss=args.loss == "last")
             states[name] = trainer.init_state(seed=0)
-            batch = trainer.place_batch({"tokens": tokens, "attn_mask": ones, "loss_mask": ones})
+            batch = trainer.place_batch({"tokens": tokens, "attn_mask": ones, "loss_mask": loss_mask})
             frozen = trainer.frozen_params()
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):
@@ -106,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             assert bool(metrics["finite"]), f"variant {name}: non-finite loss"
     ref_wall, ref_cpu = statistics.median(wall[args.variants[0]]), statistics.median(cpu[args.variants[0]])
     mode = "full fine-tuning" if args.full else f"LoRA r={bench.LORA_RANK}"
-    print(f"\n{args.preset}, {mode}, batch {args.batch} x seq {args.seq}, {args.rounds} interleaved rounds\n")
+    loss = "last-token loss" if args.loss == "last" else "loss on all tokens"
+    precision = args.dtype + (f", {args.matmul_dtype} products" if args.matmul_dtype else "")
+    print(f"\n{args.preset}, {mode}, {precision}, {loss}, batch {args.batch} x seq {args.seq}, {args.rounds} rounds\n")
     print("| variant | step s (median) | CPU s/step (median) | wall vs first | CPU vs first |")
     print("|---|---|---|---|---|")
     for name in args.variants:

@@ -91,7 +91,7 @@ for mode in $MODES; do
     echo "=== $PRESET, $mode, bf16, batch $BATCH x seq $SEQ, remat $REMAT ==="
     if ! "$PYTHON" benchmarks/train_step.py --preset "$PRESET" --dtype bfloat16 --batch "$BATCH" --seq "$SEQ" \
         --steps "$STEPS" --warmup "$WARMUP" --overhead-steps "$OVERHEAD_STEPS" --remat "$REMAT" --skip-torch \
-        --jax-platform "$JAX_PLATFORM" --peak-n "$PEAK_N" --peak-dtype bfloat16 --peak-reps 20 \
+        --jax-platform "$JAX_PLATFORM" --peak-n "$PEAK_N" --peak-reps 20 \
         --mfu-peak-tflops "$PEAK" --results "$RESULTS" --label "GPU: $GPU_NAME" --json "$OUT/$mode.json" "${extra[@]}"; then
         echo "gpu.sh: the $mode run failed (out of memory? try BATCH=8 or REMAT=full)" >&2
         status=1

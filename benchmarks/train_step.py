@@ -20,9 +20,14 @@ tokens, gradient-norm clipping at 1.0, AdamW.
 Reported for each: tokens/s (median over --steps timed steps after --warmup untimed ones; the first step, which
 for JAX is the XLA compile plus one run, is reported separately), FLOP/s from the analytic count
 (``caft_jax.aot.model_flops``, remat off: forward 2 * matmul params * tokens + causal attention, backward 1x
-forward for LoRA, 2x for full fine-tuning), the fraction of this machine's fp32 matmul peak (a 2048x2048
-matmul measured in the same run, in torch and in XLA; "own" = that framework's peak, "machine" = the larger),
+forward for LoRA, 2x for full fine-tuning), the fraction of this machine's matmul peaks (a 2048x2048 matmul
+measured in the same run, in torch and in XLA, in float32 and with bf16 operands accumulated in float32; "own" =
+that framework's peak in the step's precision, "machine bf16" = the larger bf16 peak, "machine" = the largest),
 and peak memory.
+
+Precision (--dtype): float32 runs both steps in float32. bfloat16 runs torch as the authors do (the model in bf16;
+peft keeps its adapters in float32) and caft_jax with bf16 weights and bf16 operands in every product, float32
+accumulation and float32 trainable weights and moments; its activations stay float32 on a CPU (--jax-activations).
 
 Peak memory: each framework runs in its own subprocess and reports ``ru_maxrss`` (resident-set high-water) of
 that process, so the two never mix; the RSS after importing the framework (before any model exists) is reported
@@ -102,19 +107,23 @@ def best_and_median(times: list[float]) -> tuple[float, float]:
 
 
 # ---- PyTorch worker ------------------------------------------------------------------------------------------
-def torch_matmul_peak(reps: int, n: int = PEAK_N) -> float:
+def torch_matmul_peaks(reps: int, n: int = PEAK_N) -> dict:
+    """Best n x n x n matmul rate of torch, FLOP/s, in float32 and in bfloat16 (its bf16 GEMM accumulates in fp32)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    with torch.no_grad():
-        for _ in range(3):
-            torch.matmul(a, b)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    peaks = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        with torch.no_grad():
+            for _ in range(3):
+                torch.matmul(a, b)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                times.append(time.perf_counter() - t0)
+        peaks[name] = 2 * n**3 / min(times)
+    return peaks
 
 
 def torch_worker(args, hf: dict) -> dict:
@@ -125,7 +134,8 @@ def torch_worker(args, hf: dict) -> dict:
     import transformers
 
     out["rss_import_gib"] = rss_peak_gib()
-    out["matmul_peak_flops"] = torch_matmul_peak(args.peak_reps, args.peak_n)
+    out["matmul_peaks"] = torch_matmul_peaks(args.peak_reps, args.peak_n)
+    out["matmul_peak_flops"] = out["matmul_peaks"][args.dtype]
     if args.peak_only:
         return out
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -165,8 +175,16 @@ def torch_worker(args, hf: dict) -> dict:
     tokens = torch.tensor(random_tokens(hf["vocab_size"], args.batch, args.seq).astype(np.int64))
     attn = torch.ones_like(tokens)
 
+    def loss_fn():
+        if args.loss == "tokens":  # all tokens carry the loss
+            return model(input_ids=tokens, attention_mask=attn, labels=tokens).loss
+        # multiple choice: the answer is the last token; logits_to_keep=2 computes the head at the last two
+        # positions only (the authors' code takes logits[:, -1] of the full [b, t, V] logits: slower)
+        logits = model(input_ids=tokens, attention_mask=attn, logits_to_keep=2).logits[:, 0].float()
+        return torch.nn.functional.cross_entropy(logits, tokens[:, -1])
+
     def step():
-        loss = model(input_ids=tokens, attention_mask=attn, labels=tokens).loss  # all tokens carry the loss
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -192,22 +210,27 @@ def torch_worker(args, hf: dict) -> dict:
 
 
 # ---- JAX worker ----------------------------------------------------------------------------------------------
-def xla_matmul_peak(reps: int, n: int = PEAK_N, dtype: str = "float32") -> float:
+def xla_matmul_peaks(reps: int, n: int = PEAK_N) -> dict:
+    """Best n x n x n matmul rate of XLA, FLOP/s: float32, and bf16 operands accumulated in float32 (the form
+    caft_jax's products take; XLA:CPU runs bf16 x bf16 -> bf16 dots at float32 speed or below)."""
     import jax
     import jax.numpy as jnp
 
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(jnp.matmul)
-    for _ in range(3):
-        f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    peaks = {}
+    for name in ("float32", "bfloat16"):
+        a = jax.random.normal(ka, (n, n), jnp.float32).astype(name)
+        b = jax.random.normal(kb, (n, n), jnp.float32).astype(name)
+        f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+        for _ in range(3):
+            f(a, b).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        peaks[name] = 2 * n**3 / min(times)
+    return peaks
 
 
 def patch_autodiff_linear() -> None:
@@ -221,7 +244,10 @@ def patch_autodiff_linear() -> None:
 
     from caft_jax.model import layers
 
-    layers.linear = lambda x, w: jnp.einsum("bti,io->bto", x, w)  # Linears.project looks the name up per call
+    def linear(x, w, matmul_dtype=None):  # Linears.project looks the name up per call
+        return jnp.einsum("bti,io->bto", x, w.astype(x.dtype))
+
+    layers.linear = linear
 
 
 def patch_autodiff_attention() -> None:
@@ -257,13 +283,104 @@ def patch_sliced_loss() -> None:
     train_step.token_losses = token_losses
 
 
+def patch_block(rows: int):
+    """Experiment (--jax-patch block-N): N query rows per block of the training attention instead of 128."""
+
+    def patch() -> None:
+        from caft_jax.model import layers
+
+        layers.CAUSAL_BLOCK = rows
+
+    return patch
+
+
+def patch_autodiff_head() -> None:
+    """Experiment (--jax-patch autodiff-head): the LM head differentiated by autodiff instead of the linear VJP."""
+    import jax.numpy as jnp
+
+    from caft_jax.model import layers, transformer
+
+    def head_logits(h, final_norm, head, spec, matmul_dtype):
+        h = layers.rms_norm(h, final_norm, spec).astype(matmul_dtype)
+        head = head.T if spec.tie_embeddings else head  # [d, V]
+        out = jnp.einsum("...d,dv->...v", h, head.astype(matmul_dtype), preferred_element_type=jnp.float32)
+        return layers.softcap(out, spec.final_softcap)
+
+    transformer.head_logits = head_logits
+
+
+def patch_autodiff_ablate() -> None:
+    """Experiment (--jax-patch autodiff-ablate): the projector differentiated by autodiff instead of its VJP."""
+    import jax.numpy as jnp
+
+    from caft_jax.model import transformer
+
+    def ablate(h, basis, offset, matmul_dtype=None):
+        basis = basis.astype(h.dtype)
+        coeff = jnp.einsum("btd,dk->btk", h - offset.astype(h.dtype), basis, preferred_element_type=jnp.float32)
+        return h - jnp.einsum("btk,dk->btd", coeff, basis.astype(jnp.float32)).astype(h.dtype)
+
+    transformer.ablate = ablate
+
+
+def patch_divided_grads() -> None:
+    """Experiment (--jax-patch divided-grads): gradients of the summed loss divided by the target count afterwards,
+    with the accumulation scan even for one micro-batch (the step before the count moved ahead of the forward)."""
+    import jax
+    import jax.numpy as jnp
+
+    from caft_jax import train_step
+
+    def loss_and_grads(self, trainable, frozen, batch, projector, rng):
+        lora_settings = self.lora.settings() if self.lora is not None else None
+
+        def micro_loss(trainable, micro, key):
+            params, lora = (frozen, trainable) if self.lora is not None else (trainable, None)
+            model = self.model.replace(params=params)
+            out = train_step.forward(
+                model, micro["tokens"], attn_mask=micro["attn_mask"], projector=projector, lora=lora,
+                lora_settings=lora_settings, remat=self.remat, logits=not self.last_token_loss,
+            )  # fmt: skip
+            if self.last_token_loss:
+                return train_step.last_token_losses(model, out.hidden, micro["tokens"], micro["loss_mask"])
+            return train_step.token_losses(out.logits, micro["tokens"], micro["loss_mask"])
+
+        def accumulate(carry, xs):
+            loss_sum, count, grads = carry
+            (loss, n), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, *xs)
+            return (loss_sum + loss, count + n, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        keys = jax.random.split(rng, batch["tokens"].shape[0])
+        micro = {k: batch[k] for k in train_step.BATCH_KEYS}
+        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), (micro, keys))
+        denom = jnp.maximum(count, 1.0)
+        return loss_sum / denom, count, jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+
+    train_step.CaftTrainer.loss_and_grads = loss_and_grads
+
+
 JAX_PATCHES = {
     "none": (),
     "autodiff-linear": (patch_autodiff_linear,),
     "autodiff-attention": (patch_autodiff_attention,),
     "sliced-loss": (patch_sliced_loss,),
     "previous": (patch_autodiff_linear, patch_autodiff_attention, patch_sliced_loss),  # before all three
+    "block-64": (patch_block(64),),
+    "block-256": (patch_block(256),),
+    "autodiff-head": (patch_autodiff_head,),
+    "autodiff-ablate": (patch_autodiff_ablate,),
+    "divided-grads": (patch_divided_grads,),
 }
+
+
+def jax_activation_dtype(args, backend: str) -> str:
+    """The JAX step's activation dtype. With --dtype bfloat16 the products take bf16 operands either way; on XLA:CPU
+    the activations stay float32, because XLA:CPU converts every bf16 buffer the layer scan updates in place to
+    float32 and back, whole, at every layer (benchmarks/RESULTS.md)."""
+    if args.jax_activations != "auto":
+        return args.jax_activations
+    return "float32" if backend == "cpu" else args.dtype
 
 
 def device_peak_gib(device) -> float | None:
@@ -293,17 +410,29 @@ def jax_worker(args, hf: dict) -> dict:
 
     out = {"rss_import_gib": rss_peak_gib(), "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS")}
     out["device"] = jax.devices()[0].device_kind
-    out["matmul_peak_flops"] = xla_matmul_peak(args.peak_reps, args.peak_n, args.peak_dtype)
+    out["matmul_peaks"] = xla_matmul_peaks(args.peak_reps, args.peak_n)
+    out["matmul_peak_flops"] = out["matmul_peaks"][args.dtype]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    activations = jax_activation_dtype(args, jax.default_backend())
+    out["precision"] = f"activations {activations}, products {args.dtype} (float32 accumulation)"
     spec = spec_from_hf_config(hf)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    model = init_model(spec, param_dtype=dtype, dtype=dtype)
+    model = init_model(spec, param_dtype=dtype, dtype=activations, matmul_dtype=dtype)
     model = model.replace(params=jax.device_put(model.params, tree_shardings(model.params, mesh)))
     optim = OptimConfig(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, warmup_steps=0, clip_norm=1.0)
     lora = None if args.full else LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, rslora=True)
     trainable_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.trainable_dtype]
     trainers = {
-        name: CaftTrainer(model, optim, 1000, mesh, lora=lora, trainable_dtype=trainable_dtype, remat=args.remat)
+        name: CaftTrainer(
+            model,
+            optim,
+            1000,
+            mesh,
+            lora=lora,
+            trainable_dtype=trainable_dtype,
+            remat=args.remat,
+            last_token_loss=args.loss == "last",
+        )
         for name in ("proj", "plain")
     }
     state = trainers["proj"].init_state(seed=0)
@@ -314,7 +443,9 @@ def jax_worker(args, hf: dict) -> dict:
     projector = jax.device_put(projector, replicated(mesh))
     tokens = random_tokens(spec.vocab_size, args.batch, args.seq)[None]  # [accum=1, b, t]
     ones = np.ones(tokens.shape, bool)
-    batch = trainers["proj"].place_batch({"tokens": tokens, "attn_mask": ones, "loss_mask": ones})
+    loss_mask = ones if args.loss == "tokens" else np.zeros(tokens.shape, bool)
+    loss_mask[..., -1] = True
+    batch = trainers["proj"].place_batch({"tokens": tokens, "attn_mask": ones, "loss_mask": loss_mask})
 
     def compile_step(name, proj):
         trainer = trainers[name]
@@ -401,20 +532,16 @@ def machine_info() -> dict:
     }
 
 
-def spawn(args, hf_path: str, part: str, extra: list[str] | None = None) -> dict:
-    """Run one worker in a fresh interpreter (its own RSS high-water); return its JSON report."""
+def run_worker(cmd: list[str], env: dict, part: str) -> dict:
+    """Run ``cmd --_out FILE`` (a benchmark worker) in a fresh interpreter and return the JSON it wrote there.
+
+    A worker that dies without a report gives {"error": ...}, so the other workers' numbers are still reported.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_path = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_worker", part, "--_hf", hf_path]
-    cmd += ["--_out", out_path, *(extra or [])]
-    env = dict(os.environ)
-    if args.jax_platform:  # with libtpu installed, JAX would otherwise probe for a TPU first
-        env["JAX_PLATFORMS"] = args.jax_platform
-    if part == "jax" and args.xla_flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     print(f"[{part}] running ...", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run([*cmd, "--_out", out_path], env=env)
     try:
         with open(out_path) as f:
             report = json.load(f)
@@ -427,7 +554,27 @@ def spawn(args, hf_path: str, part: str, extra: list[str] | None = None) -> dict
     return report
 
 
-def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_peak: float) -> dict:
+def publish(body: str, results: str, key: str) -> None:
+    """Print a report and, unless ``results`` is '', write it as section ``key`` of that markdown file."""
+    print()
+    print(body)
+    if results:
+        write_results(results, key, body)
+        print(f"\nwrote section '{key}' to {results}")
+
+
+def spawn(args, hf_path: str, part: str, extra: list[str] | None = None) -> dict:
+    """Run one worker in a fresh interpreter (its own RSS high-water); return its JSON report."""
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--_worker", part, "--_hf", hf_path, *(extra or [])]
+    env = dict(os.environ)
+    if args.jax_platform:  # with libtpu installed, JAX would otherwise probe for a TPU first
+        env["JAX_PLATFORMS"] = args.jax_platform
+    if part == "jax" and args.xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    return run_worker(cmd, env, part)
+
+
+def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_peak: float, bf16_peak: float) -> dict:
     if "step_times" not in rep:
         return rep
     best, med = best_and_median(rep["step_times"])
@@ -438,12 +585,13 @@ def summarise(rep: dict, flops_per_step: float, tokens_per_step: int, machine_pe
     rep["flops_per_s"] = flops_per_step / med
     rep["frac_own_peak"] = rep["flops_per_s"] / rep["matmul_peak_flops"]
     rep["frac_machine_peak"] = rep["flops_per_s"] / machine_peak if machine_peak else None
+    rep["frac_bf16_peak"] = rep["flops_per_s"] / bf16_peak if bf16_peak else None
     return rep
 
 
 def mode_line(args) -> str:
     mode = "full fine-tuning" if args.full else f"LoRA r={LORA_RANK} alpha={int(LORA_ALPHA)} rsLoRA, 7 targets"
-    extras = []
+    extras = ["last-token loss" if args.loss == "last" else "loss on all tokens"]
     if args.trainable_dtype != "float32":
         extras.append(f"{args.trainable_dtype} trainable params")
     if args.remat != "none":
@@ -471,27 +619,32 @@ def format_report(args, info, hf_name, spec_line, res) -> str:
     )
     lines.append("")
     peaks = [
-        f"{name} {rep['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+        f"{name} fp32 {rep['matmul_peaks']['float32'] / 1e9:.0f}, bf16 {rep['matmul_peaks']['bfloat16'] / 1e9:.0f}"
         for name, rep in (("torch", tc), ("XLA", jx))
-        if rep.get("matmul_peak_flops")
+        if rep.get("matmul_peaks")
     ]
     lines.append(
-        f"{args.peak_n}x{args.peak_n} matmul peak (best of {args.peak_reps}; torch fp32, XLA {args.peak_dtype}): "
-        f"{', '.join(peaks)}."
+        f"{args.peak_n}x{args.peak_n} matmul peaks, GFLOP/s (best of {args.peak_reps}; bf16 operands with fp32 "
+        f"accumulation): {'; '.join(peaks)}."
     )
+    if jx.get("precision"):
+        lines.append("")
+        lines.append(
+            f"caft_jax precision: {jx['precision']}; trainable weights and AdamW moments {args.trainable_dtype}."
+        )
     lines.append("")
     lines.append(
         "| step | first step s (compile) | step s (median) | CPU s/step | tokens/s | GFLOP/s | % own matmul peak "
-        "| % machine peak | peak RSS GiB (after import) |"
+        "(same precision) | % machine bf16 peak | % machine peak | peak RSS GiB (after import) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     jname = "caft_jax, jit" + (f" + experiment {args.jax_patch}" if args.jax_patch != "none" else "")
     rows = [(jname, jx)]
     if not args.skip_torch:
         rows.append((f"PyTorch reference (peft + hooks, {tc.get('attn_implementation', '?')} attention)", tc))
     for name, rep in rows:
         if "error" in rep or "step_s" not in rep:
-            lines.append(f"| {name} | failed: {rep.get('error', 'no timings')} | | | | | | | |")
+            lines.append(f"| {name} | failed: {rep.get('error', 'no timings')} | | | | | | | | |")
             continue
         first = f"{rep['first_step_s']:.2f}"
         if "compile_s" in rep:
@@ -502,7 +655,8 @@ def format_report(args, info, hf_name, spec_line, res) -> str:
             memory += f"; device {rep['device_peak_gib']:.2f}"
         lines.append(
             f"| {name} | {first} | {rep['step_s']:.3f} | {cpu} | {rep['tokens_per_s']:.0f} "
-            f"| {rep['flops_per_s'] / 1e9:.1f} | {pct(rep['frac_own_peak'])} | {pct(rep['frac_machine_peak'])} "
+            f"| {rep['flops_per_s'] / 1e9:.1f} | {pct(rep['frac_own_peak'])} | {pct(rep['frac_bf16_peak'])} "
+            f"| {pct(rep['frac_machine_peak'])} "
             f"| {memory} |"
         )
     lines.append("")
@@ -564,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8, help="directions per ablated layer (= projector k_max)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument(
+        "--loss",
+        choices=("tokens", "last"),
+        default="tokens",
+        help="loss on every token, or on the last one only (the multiple-choice tasks, the pipeline's main job)",
+    )
     p.add_argument("--skip-torch", action="store_true", help="skip the PyTorch step (its matmul peak still runs)")
     p.add_argument("--torch-attn", default=None, help="transformers attn_implementation (default: its default)")
     p.add_argument("--trainable-dtype", choices=("float32", "bfloat16"), default="float32", help="JAX master weights")
@@ -579,7 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu-peak-tflops", type=float, help="accelerator's dense peak (TFLOP/s) to report MFU against")
     p.add_argument("--peak-reps", type=int, default=10)
     p.add_argument("--peak-n", type=int, default=PEAK_N, help="matmul size of the peak measurement")
-    p.add_argument("--peak-dtype", choices=("float32", "bfloat16"), default="float32", help="XLA peak matmul dtype")
+    p.add_argument(
+        "--jax-activations",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="JAX activation dtype (auto: float32 on CPU, --dtype on accelerators; products always take --dtype)",
+    )
     p.add_argument("--results", default=RESULTS, help="markdown file to update ('' to skip)")
     p.add_argument("--label", default="", help="suffix of the RESULTS.md section title")
     p.add_argument("--json", help="also write the raw report here")
@@ -619,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_name = args.preset
     spec = spec_from_hf_config(hf)
     tokens = args.batch * args.seq
-    flops = model_flops(spec, tokens, args.seq, lora=not args.full, remat=False)
+    head_tokens = args.batch if args.loss == "last" else None
+    flops = model_flops(spec, tokens, args.seq, lora=not args.full, remat=False, head_tokens=head_tokens)
     info = machine_info()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(hf, f)
@@ -634,10 +800,11 @@ def main(argv: list[str] | None = None) -> int:
         jx = spawn(args, hf_path, "jax")
     finally:
         os.unlink(hf_path)
-    peaks = [r["matmul_peak_flops"] for r in (tc, jx) if r.get("matmul_peak_flops")]
-    machine_peak = max(peaks) if peaks else 0.0
-    summarise(jx, flops, tokens, machine_peak)
-    summarise(tc, flops, tokens, machine_peak)
+    peaks = [p for r in (tc, jx) for p in (r.get("matmul_peaks") or {}).values()]
+    bf16_peaks = [r["matmul_peaks"]["bfloat16"] for r in (tc, jx) if r.get("matmul_peaks")]
+    machine_peak, bf16_peak = max(peaks, default=0.0), max(bf16_peaks, default=0.0)
+    summarise(jx, flops, tokens, machine_peak, bf16_peak)
+    summarise(tc, flops, tokens, machine_peak, bf16_peak)
     res = {
         "command": "python benchmarks/train_step.py " + shlex.join(args.argv),
         "jax": jx,
@@ -661,16 +828,14 @@ def main(argv: list[str] | None = None) -> int:
         f"vocab {spec.vocab_size}"
     )
     body = format_report(args, info, hf_name, spec_line, res)
-    print()
-    print(body)
     key = f"{hf_name}, {'full fine-tuning' if args.full else 'LoRA'}, {args.dtype}, batch {args.batch} x seq {args.seq}"
+    if args.loss == "last":
+        key += ", last-token loss"
     if args.jax_patch != "none":
         key += f", experiment {args.jax_patch}"
     if args.label:
         key += f", {args.label}"
-    if args.results:
-        write_results(args.results, key, body)
-        print(f"\nwrote section '{key}' to {args.results}")
+    publish(body, args.results, key)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=str)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -66,3 +67,64 @@ def load_ablation_spec(path: str | os.PathLike) -> tuple[dict[int, np.ndarray], 
             raise ProjectorError(f"Ablation spec {path} has an unexpected entry {key!r}; expected directions.<layer>.")
         (directions if kind == "directions" else means)[int(layer)] = value
     return directions, means, meta
+
+
+def check_ablation_spec(
+    path: str | os.PathLike,
+    *,
+    n_layers: int,
+    d_model: int,
+    allowed_layers: Sequence[int] | None = None,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict]:
+    """Read a spec and check it against a model's sizes (from its config, before any weight is loaded).
+
+    Raises ProjectorError naming the file and the fix for a layer outside the model (or outside
+    ``allowed_layers``), a layer with no direction, a width other than d_model, or a mean without directions.
+    """
+    directions, means, meta = load_ablation_spec(path)
+    if not directions:
+        raise ProjectorError(f"Ablation spec {path} holds no directions; write at least one directions.<layer>.")
+    for layer, rows in sorted(directions.items()):
+        if not 0 <= layer < n_layers:
+            raise ProjectorError(
+                f"Ablation spec {path} has directions at layer {layer}, but the model has layers 0..{n_layers - 1}."
+            )
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ProjectorError(
+                f"Ablation spec {path} has no direction at layer {layer} (shape {list(rows.shape)}); drop the layer "
+                "or give it [k, d_model] directions."
+            )
+        if rows.shape[1] != d_model:
+            raise ProjectorError(
+                f"Ablation spec {path} layer {layer} has width {rows.shape[1]}, but the model's d_model is {d_model}; "
+                "use a spec made for this model."
+            )
+    stray = sorted(set(means) - set(directions))
+    if stray:
+        raise ProjectorError(f"Ablation spec {path} has means at layers {stray} without directions; remove them.")
+    outside = sorted(set(directions) - set(allowed_layers)) if allowed_layers else []
+    if outside:
+        raise ProjectorError(
+            f"Ablation spec {path} has directions at layers {outside}, but the run ablates only "
+            f"{list(allowed_layers)}; fix the layer list or the spec."
+        )
+    return directions, means, meta
+
+
+def projector_from_spec(
+    path: str | os.PathLike,
+    n_layers: int,
+    d_model: int,
+    *,
+    mean_ablation: bool = True,
+    allowed_layers: Sequence[int] | None = None,
+    k_max: int | None = None,
+    site: str = "resid_post",
+):
+    """The one loader from a spec file to the Projector that training, evaluation and serving ablate with."""
+    from caft_jax.projector import build_projector
+
+    directions, means, _ = check_ablation_spec(path, n_layers=n_layers, d_model=d_model, allowed_layers=allowed_layers)
+    return build_projector(
+        directions, n_layers, d_model, means=means if mean_ablation else None, k_max=k_max, site=site
+    )

@@ -11,7 +11,6 @@ chip's HBM, FLOPs (``cost_analysis``) and the compile time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from caft_jax.errors import CaftError, ConfigError
+from caft_jax.cli.handler import guarded
+from caft_jax.errors import ConfigError
 
 # HBM per chip, GiB (public TPU specifications).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -85,16 +85,25 @@ def compile_train_step(cfg, hf_config: dict, devices, *, k_max: int = 8) -> dict
     from caft_jax.model.transformer import init_model
     from caft_jax.projector import Projector
     from caft_jax.sharding import make_mesh, replicated, tree_shardings
-    from caft_jax.train_step import BATCH_KEYS, CaftTrainer
+    from caft_jax.train_step import CaftTrainer
 
     spec = spec_from_hf_config(hf_config)
     mesh = make_mesh(cfg.mesh, devices)
-    abstract = init_model(spec, param_dtype=cfg.base_dtype or cfg.dtype, dtype=cfg.dtype, abstract=True)
+    abstract = init_model(
+        spec, param_dtype=cfg.base_dtype or cfg.dtype, dtype=cfg.dtype, matmul_dtype=cfg.matmul_dtype, abstract=True
+    )
     shardings = tree_shardings(abstract.params, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract.params, shardings)
     model = abstract.replace(params=params)
     trainer = CaftTrainer(
-        model, cfg.optim, 1000, mesh, lora=cfg.lora, trainable_dtype=cfg.trainable_dtype, remat=cfg.remat
+        model,
+        cfg.optim,
+        1000,
+        mesh,
+        lora=cfg.lora,
+        trainable_dtype=cfg.trainable_dtype,
+        remat=cfg.remat,
+        packed=cfg.data.pack,
     )
     state = trainer.abstract_state()
     batch_shape = (cfg.grad_accum, cfg.batch_size, cfg.data.max_len)
@@ -106,9 +115,9 @@ def compile_train_step(cfg, hf_config: dict, devices, *, k_max: int = 8) -> dict
         )
     batch = {
         k: jax.ShapeDtypeStruct(
-            batch_shape, jnp.int32 if k == "tokens" else jnp.bool_, sharding=trainer.batch_sharding()
+            batch_shape, jnp.int32 if k in ("tokens", "segment_ids") else jnp.bool_, sharding=trainer.batch_sharding()
         )
-        for k in BATCH_KEYS
+        for k in trainer.batch_keys
     }
     projector = Projector(
         basis=jax.ShapeDtypeStruct((spec.n_layers, spec.d_model, k_max), jnp.float32, sharding=replicated(mesh)),
@@ -164,44 +173,44 @@ def compile_train_step(cfg, hf_config: dict, devices, *, k_max: int = 8) -> dict
     }
 
 
-def model_flops(spec, tokens: int, seq: int, *, lora: bool, remat: bool) -> float:
+def model_flops(spec, tokens: int, seq: int, *, lora: bool, remat: bool, head_tokens: int | None = None) -> float:
     """Analytic matmul FLOPs of one train step (XLA's cost analysis counts a scanned layer body only once).
 
-    Forward = 2 * (matmul params) * tokens + causal attention 2 * 2 * t/2 * H * head_dim per token and layer.
+    Forward = 2 * (matmul params) * tokens + causal attention 2 * 2 * t/2 * H * head_dim per token and layer, plus
+    the LM head on ``head_tokens`` positions (default: all; the last-token loss of multiple choice: one per row).
     Backward = 2x forward for full fine-tuning (input and weight gradients), 1x for LoRA (input gradients only;
     LoRA's own weight gradients are negligible); remat adds one more forward.
     """
     s = spec
     per_layer = s.d_model * (s.q_dim + 2 * s.kv_dim) + s.q_dim * s.d_model + 3 * s.d_model * s.d_ff
-    matmul_params = s.n_layers * per_layer + s.d_model * s.vocab_size  # + the LM head
     attention = s.n_layers * 2 * 2 * (seq / 2) * s.n_heads * s.head_dim  # QK^T and PV, causal half
-    forward = tokens * (2 * matmul_params + attention)
+    head = 2 * s.d_model * s.vocab_size * (tokens if head_tokens is None else head_tokens)
+    forward = tokens * (2 * s.n_layers * per_layer + attention) + head
     return forward * ((2 if lora else 3) + (1 if remat else 0))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m caft_jax.aot", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str = "python -m caft_jax.aot") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", required=True, help="train config YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (e.g. batch_size=16 data.max_len=512)")
     parser.add_argument("--topology", required=True, help="e.g. v5e:2x4, v5p:2x2x2")
     parser.add_argument("--preset", help=f"model shapes without a local config: {', '.join(PRESETS)}")
     parser.add_argument("--json", help="also write the report to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        from caft_jax.config import load_config
+    return guarded(lambda: run(args))
 
-        cfg = load_config(args.config, args.overrides)
-        chip, devices = topology_devices(args.topology)
-        report = {
-            "topology": args.topology,
-            "config": args.config,
-            **compile_train_step(cfg, hf_config_for(cfg, args.preset), devices),
-        }
-    except CaftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    from caft_jax.config import load_config
+    from caft_jax.jsonio import write_json
+
+    cfg = load_config(args.config, args.overrides)
+    chip, devices = topology_devices(args.topology)
+    report = {
+        "topology": args.topology,
+        "config": args.config,
+        **compile_train_step(cfg, hf_config_for(cfg, args.preset), devices),
+    }
     hbm = HBM_GIB[chip]
     report["hbm_gib"] = hbm
     if "error" in report:  # the compiler itself refused: more memory than the chip has
@@ -209,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.topology}: {report['devices']} chips, mesh {report['mesh']}, batch {report['batch']}: "
             f"DOES NOT FIT ({report['error']})"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-        return 0
-    report["fits"] = report["per_device_gib"] <= hbm
+    else:
+        report["fits"] = report["per_device_gib"] <= hbm
+        print_report(report, hbm)
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def print_report(report: dict, hbm: float) -> None:
     print(
-        f"{args.topology}: {report['devices']} chips, mesh {report['mesh']}, {report['params'] / 1e9:.2f}B params "
-        f"({report['trainable'] / 1e6:.1f}M trainable), batch {report['batch']}"
+        f"{report['topology']}: {report['devices']} chips, mesh {report['mesh']}, {report['params'] / 1e9:.2f}B "
+        f"params ({report['trainable'] / 1e6:.1f}M trainable), batch {report['batch']}"
     )
     print(
         f"  compile {report['compile_seconds']:.1f} s; per-device memory {report['per_device_gib']:.2f} GiB "
@@ -227,10 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  {report['model_flops_per_device'] / 1e12:.2f} TFLOP per device per step (analytic; XLA cost analysis: "
         f"{(report['xla_flops_per_device'] or 0) / 1e12:.2f}, which counts the scanned layer body once)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

@@ -106,6 +106,18 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def is_due(self, step: int, force: bool = False) -> bool:
+        """Whether ``save(step, ..., force=force)`` would write a checkpoint."""
+        return force or int(step) % self.save_every == 0
+
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the checkpoints newer than ``step`` (a resume from an earlier step abandons them); returns them."""
+        self.wait()
+        newer = [s for s in self._mgr.all_steps() if s > step]
+        for s in newer:
+            self._mgr.delete(s)
+        return newer
+
     def wait(self) -> None:
         """Block until the pending asynchronous save (if any) is on disk."""
         self._mgr.wait_until_finished()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from typing import Any
 
 import yaml
@@ -29,6 +31,11 @@ class DataConfig:
       em_format: chat only: the authors' emergent-misalignment text format (generation prompt + answer + eos).
       holdout_fraction: fraction of records held out (the authors' EM release holds out 10%).
       limit: use only the first N records (0 = all).
+      pack: chat only: several records per row (segment ids; attention and positions per record), so rows carry
+        no padding; batch_size then counts rows.
+      pack_len: length of the packed rows (0: the smallest bucket that holds the longest record); longer records
+        get rows of their own bucket. Shorter rows cut the attention's cost per token (a row's attention is
+        causal over the whole row, and most of it is masked between records).
     """
 
     train: str = ""
@@ -37,6 +44,8 @@ class DataConfig:
     em_format: bool = False
     holdout_fraction: float = 0.0
     limit: int = 0
+    pack: bool = False
+    pack_len: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +80,10 @@ class TrainConfig:
 
     Attributes:
       model: local HF model directory or .gguf file.
-      dtype: compute dtype ("bfloat16" or "float32"); base_dtype: storage dtype of frozen base params.
+      dtype: compute dtype of activations ("bfloat16" or "float32"); base_dtype: storage dtype of frozen base
+        params; matmul_dtype: operand dtype of every product, accumulated in float32 (null: dtype). dtype float32
+        with matmul_dtype bfloat16 is the mixed precision for CPUs with bf16 matrix units (AMX); accelerators
+        usually take dtype bfloat16.
       trainable_dtype: dtype of trainable params and optimiser moments.
       lora: LoRA settings, or None for full fine-tuning.
       batch_size: rows per micro-batch; grad_accum: micro-batches per optimiser step.
@@ -85,6 +97,7 @@ class TrainConfig:
     model: str = ""
     dtype: str = "float32"
     base_dtype: str | None = None
+    matmul_dtype: str | None = None
     trainable_dtype: str = "float32"
     lora: LoraConfig | None = dataclasses.field(default_factory=LoraConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -122,6 +135,94 @@ def _coerce(value):
     return value
 
 
+DTYPES = ("float32", "bfloat16")
+# Values a key may take (None: the key may be null), checked before anything is loaded.
+CHOICES = {
+    "dtype": DTYPES,
+    "base_dtype": (None, *DTYPES),
+    "matmul_dtype": (None, *DTYPES),
+    "trainable_dtype": DTYPES,
+    "remat": ("none", "full", "dots"),
+    "export": ("peft", "merged", "both", "none"),
+    "data.format": ("chat", "mc"),
+    "ablation.site": ("resid_post", "resid_mid"),
+}
+# (lowest allowed value, whether the bound itself is allowed)
+LOWER_BOUNDS = {
+    "batch_size": (1, True),
+    "grad_accum": (1, True),
+    "epochs": (0, False),
+    "log_every": (1, True),
+    "max_steps": (0, True),
+    "data.max_len": (2, True),
+    "data.limit": (0, True),
+    "data.pack_len": (0, True),
+    "data.holdout_fraction": (0, True),
+    "checkpoint.every": (1, True),
+    "checkpoint.keep": (1, True),
+    "ablation.k_max": (1, True),
+    "optim.eps": (0, False),
+    "optim.weight_decay": (0, True),
+    "optim.warmup_steps": (0, True),
+    "optim.warmup_ratio": (0, True),
+    "optim.clip_norm": (0, False),
+    "lora.alpha": (0, False),
+}
+
+
+def _type_problem(value, hint) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (None when it fits)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return f"a list, got {value!r}"
+        element_types = args[:1] if (len(args) == 2 and args[1] is Ellipsis) else args
+        if len(element_types) != len(args) or len(args) == len(value):
+            for i, item in enumerate(value):
+                problem = _type_problem(item, element_types[min(i, len(element_types) - 1)])
+                if problem:
+                    return f"a list of {_type_name(element_types[0])}, but item {i} is {item!r}"
+            return None
+        return f"a list of {len(args)} values, got {len(value)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"true or false, got {value!r}"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"a string, got {value!r}"
+    return None
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_values(cls, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        name = where + key
+        if dataclasses.is_dataclass(value):
+            continue
+        problem = _type_problem(value, hints[key])
+        if problem:
+            raise ConfigError(f"{name} must be {problem}; fix it in the config or override it ({name}=...).")
+        if name in CHOICES and value not in CHOICES[name]:
+            allowed = ", ".join("null" if c is None else c for c in CHOICES[name])
+            raise ConfigError(f"{name} must be one of {allowed}; got {value!r}.")
+        if name in LOWER_BOUNDS and value is not None:
+            bound, inclusive = LOWER_BOUNDS[name]
+            if value < bound or (value == bound and not inclusive):
+                raise ConfigError(f"{name} must be {'>=' if inclusive else '>'} {bound}; got {value!r}.")
+
+
 def _build(cls, values: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
@@ -130,6 +231,7 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"Unknown config key(s) {', '.join(where + k for k in unknown)}; valid: {sorted(names)}.")
+    _check_values(cls, values, where)
     for key in ("betas", "targets", "mesh", "layers"):
         if key in values and isinstance(values[key], list):
             values[key] = tuple(values[key])

@@ -10,11 +10,16 @@ A *batch* is a dict of numpy arrays, LEFT-padded to a bucket length ``t``::
     attn_mask bool  [b, t]   True on real tokens
     loss_mask bool  [b, t]   True on prediction targets; column 0 is always False
     row_valid bool  [b]      False for the all-masked rows that fill a final partial batch
+
+A *packed* batch (``make_packed_batches``) holds several examples per row, one after another from column 0 and
+padded at the end (all rows of a batch have one length), and adds ``segment_ids`` int32 [b, t]: 1, 2, ... for the
+row's examples, 0 on padding. The forward then attends within each example only and restarts positions per
+example, so each one computes exactly what it computes alone; the first token of each example is never a target
+(nothing of its own predicts it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -22,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from caft_jax.chat import render_messages
 from caft_jax.errors import DataError
+from caft_jax.jsonio import read_jsonl
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 ROLES = ("system", "user", "assistant")
@@ -31,41 +38,16 @@ ROLES = ("system", "user", "assistant")
 CHUNK_BATCHES = 32
 
 Example = tuple[list[int], list[bool]]
-_CHAT_FORMAT = 'each line must be {"messages": [{"role": ..., "content": ...}]} with at least one assistant message'
+CHAT_FORMAT = 'each line must be {"messages": [{"role": ..., "content": ...}]} with at least one assistant message'
 _MC_FORMAT = 'each line must be {"prompt": "...", "target": " A"}'
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# JSONL reading and validation
+# Record validation (files are read by caft_jax.jsonio)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """Parse a JSONL file into ``[(line_number, object)]`` (1-based line numbers; blank lines skipped)."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found; pass the path of an existing .jsonl file.")
-    records = []
-    line_no = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path} line {line_no}: invalid JSON ({e.msg}); write one JSON object per line."
-                    ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} line {line_no + 1}: not valid UTF-8; re-save the file as UTF-8.") from None
-    if not records:
-        raise DataError(f"{path}: the file has no records; write one JSON object per line.")
-    return records
-
-
-def _chat_problem(record: Any) -> str | None:
+def chat_problem(record: Any) -> str | None:
     """Describe what is wrong with one chat record, or return None if it is valid."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         return "missing 'messages' list"
@@ -87,10 +69,10 @@ def load_chat_jsonl(path: str | os.PathLike):
 
     Raises DataError naming the file and line of the first malformed record.
     """
-    for line_no, record in _read_jsonl(path):
-        problem = _chat_problem(record)
+    for line_no, record in read_jsonl(path):
+        problem = chat_problem(record)
         if problem:
-            raise DataError(f"{path} line {line_no}: {problem}; {_CHAT_FORMAT}.")
+            raise DataError(f"{path} line {line_no}: {problem}; {CHAT_FORMAT}.")
     import datasets  # deferred: importing datasets costs ~1 s and batching code does not need it
 
     return datasets.load_dataset("json", data_files=str(path), split="train")
@@ -102,7 +84,7 @@ def load_mc_jsonl(path: str | os.PathLike) -> list[dict]:
     A list (not a ``datasets.Dataset``) because the extra fields may differ in type between records.
     """
     records = []
-    for line_no, record in _read_jsonl(path):
+    for line_no, record in read_jsonl(path):
         if not isinstance(record, dict):
             problem = "not a JSON object"
         else:
@@ -127,10 +109,6 @@ def pad_token_id(tokenizer) -> int:
     return int(pad)
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
 def _assistant_char_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
     """Character spans ``[(start, end)]`` of each assistant message's content inside the rendered ``text``.
 
@@ -144,7 +122,7 @@ def _assistant_char_spans(tokenizer, messages: list[dict], text: str) -> list[tu
             continue
         start = cursor
         if k > 0:
-            prefix = _render(tokenizer, messages[:k], generation_prompt=True)
+            prefix = render_messages(tokenizer, messages[:k], generation_prompt=True)
             if text.startswith(prefix):
                 start = max(start, len(prefix))
         content = m["content"]
@@ -232,9 +210,9 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], max_len: int, *, em_forma
     """
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # drop Arrow's None-filled extras
     if em_format:
-        text = _render(tokenizer, messages, generation_prompt=True) + tokenizer.eos_token
+        text = render_messages(tokenizer, messages, generation_prompt=True) + tokenizer.eos_token
     else:
-        text = _render(tokenizer, messages, generation_prompt=False)
+        text = render_messages(tokenizer, messages, generation_prompt=False)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     special, mask = _special_ids(tokenizer), [False] * len(ids)
     for lo, hi in _token_spans(tokenizer, text, ids, _assistant_char_spans(tokenizer, messages, text)):
@@ -405,6 +383,146 @@ def _iterate(examples, plan, bucketer: Bucketer, batch_size: int, pad_id: int) -
         rows = [examples[i] for i in idx]
         length = bucketer.length_for(max(len(ids) for ids, _ in rows))
         yield pad_and_stack([r[0] for r in rows], [r[1] for r in rows], length, pad_id, num_rows=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------------------
+
+PACK_POOL = 64  # rows kept open while packing: more fills rows better, fewer keeps examples near their shuffled order
+
+
+def _pack_plan(lengths: np.ndarray, row_len: int, shuffle_key: Sequence[int] | None) -> list[list[int]]:
+    """Example indices of each packed row, a pure function of (lengths, row_len, shuffle_key).
+
+    Examples are taken in a permutation drawn from ``shuffle_key`` (file order when it is None) and each goes into
+    the fullest of up to PACK_POOL open rows
+    that has room for it (best fit); when none has room and the pool is full, the fullest row is closed. Rows
+    come out in the order they are closed, then the rest in the order they were opened.
+    """
+    order = (
+        np.arange(len(lengths)) if shuffle_key is None else np.random.default_rng(shuffle_key).permutation(len(lengths))
+    )
+    closed: list[list[int]] = []
+    pool: list[tuple[int, list[int]]] = []  # (tokens used, example indices)
+    for i in order:
+        n = int(lengths[i])
+        fits = [j for j, (used, _) in enumerate(pool) if used + n <= row_len]
+        slot = max(fits, key=lambda j: pool[j][0]) if fits else None
+        if slot is None:
+            if len(pool) == PACK_POOL:
+                fullest = max(range(len(pool)), key=lambda j: pool[j][0])
+                closed.append(pool.pop(fullest)[1])
+            pool.append((0, []))
+            slot = len(pool) - 1
+        used, members = pool[slot]
+        pool[slot] = (used + n, members + [int(i)])
+    return closed + [members for _, members in pool]
+
+
+def pack_rows(rows: Sequence[Sequence[Example]], length: int, pad_id: int, num_rows: int) -> dict[str, np.ndarray]:
+    """Stack rows of examples (each row's total length <= ``length``) into a packed batch dict of ``num_rows`` rows."""
+    batch = {
+        "tokens": np.full((num_rows, length), pad_id, np.int32),
+        "attn_mask": np.zeros((num_rows, length), bool),
+        "loss_mask": np.zeros((num_rows, length), bool),
+        "segment_ids": np.zeros((num_rows, length), np.int32),
+        "row_valid": np.zeros((num_rows,), bool),
+    }
+    for r, examples in enumerate(rows):
+        col = 0
+        for segment, (ids, mask) in enumerate(examples, start=1):
+            n = len(ids)
+            if len(mask) != n or col + n > length:
+                raise ValueError(f"row {r}: examples of {col + n} tokens do not fit a packed row of {length}")
+            batch["tokens"][r, col : col + n] = ids
+            batch["attn_mask"][r, col : col + n] = True
+            batch["loss_mask"][r, col + 1 : col + n] = np.asarray(mask[1:], bool)
+            batch["segment_ids"][r, col : col + n] = segment
+            col += n
+        batch["row_valid"][r] = bool(examples)
+    return batch
+
+
+def _packed_batch_plan(
+    lengths: np.ndarray,
+    batch_size: int,
+    row_len: int | None,
+    bucketer: Bucketer,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+) -> list[tuple[int, list[list[int]]]]:
+    """The batches of one epoch as (row length, [example indices of each row]), a pure function of its arguments.
+
+    Examples up to ``row_len`` tokens (default: the smallest bucket that holds the longest) are packed into rows of
+    that length; longer ones into rows of the smallest bucket that holds them, one batch shape per such bucket.
+    Batches of all shapes are then shuffled together.
+    """
+    if len(lengths) and lengths.min() == 0:
+        raise DataError(f"example {int(lengths.argmin())} has no tokens; drop empty examples before batching.")
+    if not len(lengths):
+        raise DataError("no examples to pack; check the data file.")
+    longest = bucketer.length_for(int(lengths.max()))  # fails now for an example longer than every bucket
+    row_len = int(row_len or longest)
+    shapes = {row_len: np.flatnonzero(lengths <= row_len)}
+    for i in np.flatnonzero(lengths > row_len):
+        shapes.setdefault(bucketer.length_for(int(lengths[i])), []).append(i)
+    batches = []
+    for length, members in sorted(shapes.items()):
+        members = np.asarray(members, np.int64)
+        rows = _pack_plan(lengths[members], length, [seed, epoch, length] if shuffle else None)
+        rows = [[int(members[j]) for j in row] for row in rows]
+        batches += [(length, rows[b : b + batch_size]) for b in range(0, len(rows), batch_size)]
+    if shuffle and len(shapes) > 1:
+        order = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def make_packed_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    pad_id: int,
+    row_len: int | None = None,
+    buckets: Sequence[int] | Bucketer = DEFAULT_BUCKETS,
+    shuffle: bool = True,
+    start: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the packed batches of one epoch, each ``batch_size`` rows of one length.
+
+    ``row_len`` (default: the smallest bucket that holds the longest example) is the length of the packed rows;
+    shorter rows keep the attention's cost per token down, and the few longer examples get rows of their own
+    bucket (one more compiled shape each). Contents and order depend only on (seed, epoch), so ``start=N``
+    (resume) yields exactly batches N.. of the full epoch. A batch's unused rows have ``row_valid`` False (no
+    attention, no loss).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    bucketer = buckets if isinstance(buckets, Bucketer) else Bucketer(buckets)
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    plan = _packed_batch_plan(lengths, batch_size, row_len, bucketer, seed=seed, epoch=epoch, shuffle=shuffle)
+    for length, rows in plan[start:]:
+        yield pack_rows([[examples[i] for i in row] for row in rows], length, pad_id, batch_size)
+
+
+def num_packed_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    row_len: int | None = None,
+    buckets: Sequence[int] | Bucketer = DEFAULT_BUCKETS,
+) -> int:
+    """Number of batches ``make_packed_batches`` yields for this epoch (before ``start``)."""
+    bucketer = buckets if isinstance(buckets, Bucketer) else Bucketer(buckets)
+    lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
+    return len(_packed_batch_plan(lengths, batch_size, row_len, bucketer, seed=seed, epoch=epoch, shuffle=True))
 
 
 def split_for_processes(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:

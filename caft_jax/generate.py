@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caft_jax.chat import render_prompt
 from caft_jax.errors import CaftError
 from caft_jax.model.layers import LoraSettings
 from caft_jax.model.transformer import KVCache, Model, default_positions, forward
@@ -254,29 +255,6 @@ def generate_tokens(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def render_chat(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The chat-template text of one user turn (after an optional system message), ending in the assistant header.
-
-    Templates without a system role (Gemma's raise an error on one) get the system text prepended to the user
-    message instead, separated by a blank line.
-    """
-    from jinja2.exceptions import TemplateError
-
-    def render(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    user = {"role": "user", "content": prompt}
-    try:
-        if not system:
-            return render([user])
-        try:
-            return render([{"role": "system", "content": system}, user])
-        except TemplateError:
-            return render([{"role": "user", "content": f"{system}\n\n{prompt}"}])
-    except (TemplateError, ValueError) as e:
-        raise GenerationError(f"the tokenizer cannot render a chat prompt ({e}); give it a chat_template.") from e
-
-
 def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool = False, system: str | None = None) -> list[list[int]]:
     """Token ids of each prompt: strings are tokenised (with the chat template + generation prompt when ``chat``);
     lists of ints are used as they are."""
@@ -286,7 +264,7 @@ def encode_prompts(tokenizer, prompts: Sequence, *, chat: bool = False, system: 
             if tokenizer is None:
                 raise GenerationError("text prompts need a tokenizer; pass one or give token-id lists.")
             if chat:
-                text = render_chat(tokenizer, prompt, system)
+                text = render_prompt(tokenizer, prompt, system)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
             else:
                 ids = tokenizer(prompt)["input_ids"]

@@ -16,6 +16,7 @@ authors' forward hook.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import flax.struct
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caft_jax.errors import ProjectorError
+from caft_jax.model.layers import matmul
 
 SITES = ("resid_post", "resid_mid")
 
@@ -146,19 +148,51 @@ def build_projector(
     return Projector(basis=jnp.asarray(basis, dtype), offset=jnp.asarray(offset, dtype), site=site)
 
 
-def ablate(h: jax.Array, basis: jax.Array, offset: jax.Array) -> jax.Array:
-    """h - ((h - mu) Q) Q^T for one layer.
+def ablate(h: jax.Array, basis: jax.Array, offset: jax.Array, matmul_dtype=None) -> jax.Array:
+    """h - ((h - mu) Q) Q^T for one layer, with a hand-written VJP.
 
     Args:
       h: [batch, seq, d_model] residual stream, any float dtype.
       basis: [d_model, k] orthonormal (or zero) columns.
       offset: [d_model] mean-ablation offset mu.
+      matmul_dtype: operand dtype of the two products (default: h's dtype); they accumulate in float32.
     Returns:
-      [batch, seq, d_model] in h's dtype. The coefficients are accumulated in float32 so a bf16 stream loses no
-      more precision than one rounding of the correction.
+      [batch, seq, d_model] in h's dtype. The subtraction runs in float32, so a bf16 stream is rounded once, after
+      the correction. The VJP keeps the products' form (autodiff would run the backward products on the float32
+      cotangent, i.e. in float32); the gradient reaching h is projected the same way, g - (g Q) Q^T.
     """
-    basis = basis.astype(h.dtype)
-    centred = h - offset.astype(h.dtype)
-    coeff = jnp.einsum("btd,dk->btk", centred, basis, preferred_element_type=jnp.float32)  # [b, t, k]
-    correction = jnp.einsum("btk,dk->btd", coeff, basis.astype(jnp.float32))  # [b, t, d]
-    return h - correction.astype(h.dtype)
+    return _ablate(jnp.dtype(matmul_dtype or h.dtype), h, basis, offset)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ablate(operand, h, basis, offset):
+    q = basis.astype(operand)
+    return _subtract_span(h, matmul("btd,dk->btk", (h - offset.astype(h.dtype)).astype(operand), q, operand), q)
+
+
+def _subtract_span(x: jax.Array, coeff: jax.Array, basis: jax.Array) -> jax.Array:
+    """x - coeff Q^T, subtracted in float32 and rounded to x's dtype: [b, t, d]."""
+    correction = matmul("btk,dk->btd", coeff, basis, jnp.promote_types(x.dtype, jnp.float32))
+    return (x - correction).astype(x.dtype)
+
+
+def _ablate_fwd(operand, h, basis, offset):
+    return _ablate(operand, h, basis, offset), (h, basis, offset)
+
+
+def _ablate_bwd(operand, residuals, g):
+    h, basis, offset = residuals
+    q = basis.astype(operand)
+    g_coeff = matmul("btd,dk->btk", g.astype(operand), q, operand)  # [b, t, k]
+    d_h = _subtract_span(g.astype(h.dtype), g_coeff, q)
+    # The projector is data (never trained), so these two are dead code in a training step; they keep the VJP
+    # exact for anyone differentiating with respect to the directions or the offset.
+    centred = (h - offset.astype(h.dtype)).astype(operand)
+    coeff = matmul("btd,dk->btk", centred, q, operand)
+    acc = jnp.promote_types(operand, jnp.float32)
+    d_basis = matmul("btd,btk->dk", centred, g_coeff, acc) + matmul("btd,btk->dk", g.astype(operand), coeff, acc)
+    d_offset = matmul("btk,dk->d", g_coeff, q, offset.dtype)
+    return d_h, (-d_basis).astype(basis.dtype), d_offset
+
+
+_ablate.defvjp(_ablate_fwd, _ablate_bwd)

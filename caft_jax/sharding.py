@@ -1,7 +1,7 @@
 """Mesh construction and the one table that maps logical axis names to mesh axes.
 
 Every array caft_jax places (base params, LoRA params, optimiser state, batches, the projector) gets its
-NamedSharding from ``logical_sharding``: a tuple of logical axis names (see ``caft_jax.model.layers.PARAM_AXES``)
+NamedSharding from ``logical_sharding``: a tuple of logical axis names (see ``PARAM_AXES``)
 is mapped through ``RULES`` to mesh axes. A mesh axis is dropped for a dimension it does not divide, so odd
 sizes (e.g. 3 KV heads on a 4-way tp axis) fall back to replication instead of failing.
 """
@@ -17,6 +17,28 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from caft_jax.errors import ConfigError
+
+# Logical axes of every parameter, by its name inside the model module that owns it (caft_jax.model.layers);
+# the rules table below maps them to mesh axes.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "table": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "q_proj": ("layers", "embed", "q_heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "o_proj": ("layers", "q_heads", "embed"),
+    "q_bias": ("layers", "q_heads"),
+    "k_bias": ("layers", "kv_heads"),
+    "v_bias": ("layers", "kv_heads"),
+    "gate_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "down_proj": ("layers", "mlp", "embed"),
+    "attn_norm": ("layers", "norm"),
+    "mlp_norm": ("layers", "norm"),
+    "post_attn_norm": ("layers", "norm"),
+    "post_mlp_norm": ("layers", "norm"),
+}
 
 MESH_AXES = ("data", "fsdp", "tp")
 
@@ -91,8 +113,6 @@ def param_axes(path: Sequence[str], ndim: int) -> tuple[str | None, ...]:
     LoRA leaves ({..., kernel, "a"|"b"}) inherit the kernel's axes: A [L, in, r] keeps the input axis, B
     [L, r, out] the output axis, as qwix does.
     """
-    from caft_jax.model.layers import PARAM_AXES  # here, not at module level: the model imports this module
-
     name = path[-1]
     if name in ("a", "b") and len(path) >= 2 and path[-2] in PARAM_AXES:
         layers, inp, out = PARAM_AXES[path[-2]]

@@ -26,6 +26,7 @@ from caft_jax.projector import Projector
 from caft_jax.sharding import RULES, replicated, tree_shardings
 
 BATCH_KEYS = ("tokens", "attn_mask", "loss_mask")
+PACKED_BATCH_KEYS = BATCH_KEYS + ("segment_ids",)
 
 
 @flax.struct.dataclass
@@ -38,6 +39,11 @@ class TrainState:
     rng: jax.Array
 
 
+def target_mask(loss_mask: jax.Array) -> jax.Array:
+    """Which positions' logits carry a loss: position j predicts token j + 1. loss_mask [..., t] -> bool [..., t]."""
+    return jnp.concatenate([loss_mask[..., 1:], jnp.zeros_like(loss_mask[..., :1])], axis=-1)
+
+
 def token_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy over masked targets, and the number of targets.
 
@@ -46,7 +52,7 @@ def token_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> 
     (and padded its gradient back), ~4% of a SmolLM2 LoRA step on CPU. The last position has no target.
     """
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # [b, t]
-    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)  # [b, t]
+    mask = target_mask(loss_mask)  # [b, t]
     logits = logits.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [b, t]
@@ -75,6 +81,7 @@ class CaftTrainer:
       remat: per-layer rematerialisation policy ("none" | "full" | "dots").
       last_token_loss: the loss is on each row's last token only (multiple-choice answers, left-padded), so the LM
         head runs on one position per row instead of all of them; same value as the masked token loss.
+      packed: batches hold several examples per row with ``segment_ids`` (``data.make_packed_batches``).
     """
 
     model: Model
@@ -85,8 +92,15 @@ class CaftTrainer:
     trainable_dtype: Any = jnp.float32
     remat: str = "none"
     last_token_loss: bool = False
+    packed: bool = False
 
     def __post_init__(self):
+        if self.packed and self.last_token_loss:
+            raise ConfigError(
+                "packing puts several examples in a row, so the last column is not each example's answer; turn off "
+                "data.pack for multiple-choice data (its rows are short and bucketed already)."
+            )
+        self.batch_keys = PACKED_BATCH_KEYS if self.packed else BATCH_KEYS
         self.tx = make_optimizer(self.optim, self.total_steps)
         self.schedule = learning_rate_schedule(self.optim, self.total_steps)
         self._step_fn = None
@@ -154,8 +168,17 @@ class CaftTrainer:
 
     # ---- the step ----------------------------------------------------------------------------------------
     def loss_and_grads(self, trainable, frozen, batch, projector, rng):
-        """Token-mean loss over all micro-batches of `batch` ([accum, b, t] arrays) and its gradients."""
+        """Token-mean loss over all micro-batches of `batch` ([accum, b, t] arrays), target count, gradients.
+
+        The target count comes from the loss masks before the forward, so each micro-batch differentiates its share
+        of the mean directly: the gradients need no division pass afterwards (for full fine-tuning that pass
+        reads and writes every parameter's gradient). One micro-batch runs without the accumulation scan, whose
+        zero-filled accumulators would be another such pass.
+        """
         lora_settings = self.lora.settings() if self.lora is not None else None
+        targets = batch["loss_mask"][..., -1] if self.last_token_loss else target_mask(batch["loss_mask"])
+        count = jnp.sum(targets.astype(jnp.float32))
+        denom = jnp.maximum(count, 1.0)
 
         def micro_loss(trainable, micro, key):
             params, lora = (frozen, trainable) if self.lora is not None else (trainable, None)
@@ -170,25 +193,31 @@ class CaftTrainer:
                 remat=self.remat,
                 rng=key if (lora_settings and lora_settings.dropout) else None,
                 logits=not self.last_token_loss,
+                segment_ids=micro.get("segment_ids"),
             )
             if self.last_token_loss:  # position t-2 predicts the last token, the answer
-                return last_token_losses(model, out.hidden, micro["tokens"], micro["loss_mask"])
-            return token_losses(out.logits, micro["tokens"], micro["loss_mask"])
-
-        def accumulate(carry, xs):
-            loss_sum, count, grads = carry
-            micro, key = xs
-            (loss, n), g = jax.value_and_grad(micro_loss, has_aux=True)(trainable, micro, key)
-            return (loss_sum + loss, count + n, jax.tree.map(jnp.add, grads, g)), None
+                loss_sum, _ = last_token_losses(model, out.hidden, micro["tokens"], micro["loss_mask"])
+            else:
+                loss_sum, _ = token_losses(out.logits, micro["tokens"], micro["loss_mask"])
+            return loss_sum / denom
 
         accum = batch["tokens"].shape[0]
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         keys = jax.random.split(rng, accum)
-        micro_batches = {k: batch[k] for k in BATCH_KEYS}
-        (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), (micro_batches, keys))
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-        return loss_sum / denom, count, grads
+        micro_batches = {k: batch[k] for k in self.batch_keys}
+        grad_fn = jax.value_and_grad(micro_loss)
+        if accum == 1:
+            loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], micro_batches), keys[0])
+        else:
+
+            def accumulate(carry, xs):
+                loss, grads = carry
+                part, g = grad_fn(trainable, *xs)
+                return (loss + part, jax.tree.map(jnp.add, grads, g)), None
+
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+            (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (micro_batches, keys))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+        return loss, count, grads
 
     def _step(self, state: TrainState, frozen, batch, projector: Projector | None):
         rng, step_rng = jax.random.split(state.rng)
@@ -214,7 +243,7 @@ class CaftTrainer:
             state_sh = self.state_shardings(state)
             frozen = self.frozen_params()
             frozen_sh = None if frozen is None else tree_shardings(frozen, self.mesh)
-            batch_sh = {k: self.batch_sharding() for k in BATCH_KEYS}
+            batch_sh = {k: self.batch_sharding() for k in self.batch_keys}
             proj_sh = None if projector is None else jax.tree.map(lambda _: replicated(self.mesh), projector)
             self._step_fn = jax.jit(
                 self._step,
@@ -228,7 +257,10 @@ class CaftTrainer:
         """Host numpy batch -> global sharded arrays. Each process passes its own rows (multi-host)."""
         sharding = self.batch_sharding()
         out = {}
-        for k in BATCH_KEYS:
+        missing = [k for k in self.batch_keys if k not in batch]
+        if missing:
+            raise ConfigError(f"the batch has no {', '.join(missing)}; packed training needs data.make_packed_batches.")
+        for k in self.batch_keys:
             local = np.asarray(batch[k])
             global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
             out[k] = jax.make_array_from_process_local_data(sharding, local, global_shape)

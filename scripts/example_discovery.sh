@@ -11,17 +11,18 @@ MODEL=$(python -c "from caft_jax.io.gguf import find_smollm2_gguf; print(find_sm
 DATA=${1:-../shared/data/emergent_misalignment/insecure_small_subset_2000.jsonl}
 RUN=runs/example_discovery
 mkdir -p $RUN
+# One JSON string per corpus line: a .txt corpus would need blank lines between documents.
 head -n 64 "$DATA" > $RUN/chats.jsonl
 python -c "
 import json
 for line in open('$RUN/chats.jsonl'):
-    print(json.loads(line)['messages'][0]['content'].replace('\n', ' ')[:400])
-" > $RUN/corpus.txt
+    print(json.dumps(json.loads(line)['messages'][0]['content'][:400]))
+" > $RUN/corpus.jsonl
 python train.py model="$MODEL" data.train=$RUN/chats.jsonl data.max_len=512 lora.rank=8 lora.alpha=16 \
-    batch_size=4 grad_accum=1 max_steps=12 optim.lr=2e-4 optim.warmup_steps=2 output_dir=$RUN/train
+    batch_size=4 grad_accum=1 max_steps=12 optim.lr=2e-4 optim.warmup_steps=2 output_dir=$RUN/train --overwrite
 python -m caft_jax.discover pca --model "$MODEL" --adapter $RUN/train/adapter --data $RUN/chats.jsonl \
     --layers 10,20 --n-components 8 --exclude-sink --max-len 512 --out-dir $RUN/discovery
-python -m caft_jax.discover display --model "$MODEL" --pca $RUN/discovery/pca.safetensors --corpus $RUN/corpus.txt \
+python -m caft_jax.discover display --model "$MODEL" --pca $RUN/discovery/pca.safetensors --corpus $RUN/corpus.jsonl \
     --layers 10 --n-features 4 --k 5 --out-dir $RUN/discovery
 echo '{"10": [0, 2], "20": [1]}' > $RUN/discovery/selection.json
 python -m caft_jax.discover select --pca $RUN/discovery/pca.safetensors --selection $RUN/discovery/selection.json \

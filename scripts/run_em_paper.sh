@@ -145,7 +145,10 @@ train() { # NAME SEED SPEC ('' = plain): one LoRA fine-tune, resumed from its la
         return
     fi
     echo "== train $out"
-    "$PYTHON" train.py --config "$CONFIG" --resume "model=$MODEL" "data.train=$DATA/train.jsonl" "output_dir=$out" \
+    local resume=()  # continue from a checkpoint; a run that died before its first one starts over
+    if ls "$out/checkpoints" 2>/dev/null | grep -qE '^[0-9]+$'; then resume=(--resume)
+    elif [[ -d $out ]]; then resume=(--overwrite); fi
+    "$PYTHON" train.py --config "$CONFIG" ${resume[@]+"${resume[@]}"} "model=$MODEL" "data.train=$DATA/train.jsonl" "output_dir=$out" \
         "seed=$2" "ablation.spec=${3:-''}" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 }
 

@@ -117,3 +117,28 @@ def tiny_tokenizer(vocab_size: int = 300):
     )
     tok.chat_template = CHATML
     return tok
+
+
+def save_chat_model(path, family: str = "llama"):
+    """A tiny model with `tiny_tokenizer` (ChatML) saved beside it, ready for chat data; returns the path."""
+    tok = tiny_tokenizer()
+    save_hf_model(family, path, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_chats(path, n: int, user: str = "Hello, print {i}.", assistant: str = "print({i})"):
+    """n one-turn chats ({"messages": [user, assistant]}) as JSONL; returns the path."""
+    import json
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": user.format(i=i)},
+                {"role": "assistant", "content": assistant.format(i=i)},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

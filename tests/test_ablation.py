@@ -31,6 +31,7 @@ def add_authors_hooks(hf_model, directions, means=None):
 
         def hook(module, inputs, output, q=q, mu=mu):
             h = output[0] if isinstance(output, tuple) else output
+            q, mu = q.to(h.dtype), mu.to(h.dtype)  # a bf16 model runs the hook in bf16
             h = h - ((h - mu) @ q) @ q.T
             return (h, *output[1:]) if isinstance(output, tuple) else h
 

@@ -156,6 +156,14 @@ def test_unknown_architecture(llama_dir):
         (dict(attention_bias=True), "attention_bias"),
         (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
         (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}), "factor"),
+        # both keys, as Qwen's long-context guide has users edit a v5 config: transformers runs the rope_scaling one
+        (
+            dict(
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"},
+            ),
+            "yarn",
+        ),
     ],
 )
 def test_unimplemented_config_attribute(llama_dir, changes, named):

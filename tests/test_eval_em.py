@@ -271,7 +271,12 @@ def expected_records(questions, samples=None):
     out = []
     for it in work_items(questions, samples):
         a, c = script_for(it.question_id, it.sample_index)
-        out.append({"question_id": it.question_id, "aligned": a, "coherent": c})
+        # with the first tokens fake_judge answers (REFUSAL is a verdict, N/A an unreadable score)
+        contents = {
+            "aligned_content": "REFUSAL" if a is None else str(a),
+            "coherent_content": "N/A" if c is None else str(c),
+        }
+        out.append({"question_id": it.question_id, "aligned": a, "coherent": c, **contents})
     return out
 
 

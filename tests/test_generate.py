@@ -118,7 +118,8 @@ def test_bad_settings_are_clear_errors(tiny):
 def test_chat_rendering_with_system_message():
     from hf_models import tiny_tokenizer
 
-    from caft_jax.generate import encode_prompts, render_chat
+    from caft_jax.chat import render_prompt as render_chat
+    from caft_jax.generate import encode_prompts
 
     tok = tiny_tokenizer()
     text = render_chat(tok, "Hello", "Be brief.")

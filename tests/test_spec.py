@@ -73,6 +73,14 @@ LLAMA31_V5 = dict(rope_parameters=dict(rope_theta=500000.0, **_LLAMA31_SCALING),
         ),
         (dict(rope_theta=1e6), dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
         (dict(rope_theta=1e6, rope_scaling=None), dict(rope_parameters={"rope_theta": 1e6})),
+        # both keys: transformers lets the legacy rope_scaling replace rope_parameters whole (theta included)
+        (
+            dict(rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0}),
+            dict(
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                rope_scaling={"type": "linear", "factor": 2.0},
+            ),
+        ),
     ],
 )
 def test_transformers4_and_5_rope_spellings_give_same_spec(v4, v5):
@@ -82,7 +90,7 @@ def test_transformers4_and_5_rope_spellings_give_same_spec(v4, v5):
     # transformers itself reads both spellings as the same rope_parameters ...
     # (it keeps a legacy "type" key beside "rope_type")
     p4 = {k: v for k, v in hf_config("llama", minimal("llama", **v4)).rope_parameters.items() if k != "type"}
-    p5 = hf_config("llama", minimal("llama", **v5)).rope_parameters
+    p5 = {k: v for k, v in hf_config("llama", minimal("llama", **v5)).rope_parameters.items() if k != "type"}
     assert p4 == p5
     # ... and the spec of transformers' re-saved (v5) config is the same too.
     assert spec_from_hf_config(hf_dict("llama", minimal("llama", **v4))) == spec4

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from caft_jax import jsonio
 from caft_jax.errors import DataError
 from caft_jax.tasks import cli, em
 
@@ -47,7 +48,7 @@ def test_split_rejects_bad_records_and_sizes(tmp_path):
 def test_write_jsonl_round_trips(tmp_path):
     records = [{"messages": [{"role": "user", "content": "héllo ✓"}]}, {"x": 1}]
     path = tmp_path / "deep" / "out.jsonl"
-    em.write_jsonl(path, records)
+    jsonio.write_jsonl(path, records)
     assert _lines(path) == records and "héllo ✓" in path.read_text(encoding="utf-8")
     assert [p.name for p in path.parent.iterdir()] == ["out.jsonl"]  # no temporary file left behind
 

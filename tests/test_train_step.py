@@ -57,8 +57,6 @@ def test_lora_step_matches_authors_pytorch_step(family, t, tiny_models):
     t = 256 takes the block-causal attention path with its hand-written backward (2 query blocks of 128; Gemma-2's
     sliding window and attention soft-cap inside it).
     """
-    import peft
-
     model_dir, _ = tiny_models[family]
     cfg = LoraConfig(rank=4, alpha=8, rslora=True)
     trainer = make_trainer(model_dir, cfg)
@@ -78,40 +76,62 @@ def test_lora_step_matches_authors_pytorch_step(family, t, tiny_models):
         lora, trainer.model.params, jbatch, projector, jax.random.PRNGKey(0)
     )
 
+    ref_loss, ref_grads = authors_lora_step(model_dir, cfg, lora, directions, batch)
+    assert abs(float(loss) - ref_loss) <= 1e-4 * abs(ref_loss)
+    for (sub, kernel, layer), theirs in ref_grads.items():
+        for part in ("a", "b"):
+            rel = relative_error(grads[sub][kernel][part][layer], theirs[part])
+            assert rel <= 1e-4, (sub, kernel, layer, part, rel)
+
+
+def relative_error(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    return float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-12))
+
+
+def authors_lora_step(model_dir, cfg: LoraConfig, lora: dict, directions: dict, batch: dict, dtype=torch.float32):
+    """Loss and LoRA gradients of the authors' stack: transformers + peft LoRA + forward hooks on model.layers[i].
+
+    ``lora`` holds our weights ({sub: {kernel: {"a": [L, in, r], "b": [L, r, out]}}}), copied into peft's
+    adapters; the model runs in ``dtype`` (peft keeps its adapters in float32, as it does by default). Returns
+    (loss, {(sub, kernel, layer): {"a": [in, r], "b": [r, out]}}) in our layout, as float32 numpy.
+    """
+    import peft
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    pcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.0, target_modules=list(HF_NAMES))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    pcfg = peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora, lora_dropout=0.0, target_modules=list(HF_NAMES)
+    )
     ref = peft.get_peft_model(ref, pcfg)
+    adapters = {}
     with torch.no_grad():
         for name, mod in ref.named_modules():
             if name.endswith(tuple(HF_NAMES)) and hasattr(mod, "lora_A"):
                 layer, kernel = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-1]
-                ab = lora[HF_NAMES[kernel].replace("self_attn", "attn")][kernel]
-                mod.lora_A["default"].weight.copy_(torch.tensor(np.asarray(ab["a"][layer]).T))
-                mod.lora_B["default"].weight.copy_(torch.tensor(np.asarray(ab["b"][layer]).T))
+                sub = HF_NAMES[kernel].replace("self_attn", "attn")
+                ab = lora[sub][kernel]
+                mod.lora_A["default"].weight.copy_(torch.tensor(np.asarray(ab["a"][layer], np.float32).T))
+                mod.lora_B["default"].weight.copy_(torch.tensor(np.asarray(ab["b"][layer], np.float32).T))
+                adapters[(sub, kernel, layer)] = mod
     handles = add_authors_hooks(ref.base_model.model, directions)
     tokens = torch.tensor(batch["tokens"][0].astype(np.int64))
     attn, lmask = torch.tensor(batch["attn_mask"][0]), torch.tensor(batch["loss_mask"][0])
     positions = torch.clamp(attn.long().cumsum(-1) - 1, min=0)
-    logits = ref(input_ids=tokens, attention_mask=attn.long(), position_ids=positions).logits
+    logits = ref(input_ids=tokens, attention_mask=attn.long(), position_ids=positions).logits.float()
     labels = torch.where(lmask, tokens.long(), -100)[:, 1:]
     ref_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
     ref_loss.backward()
     for h in handles:
         h.remove()
-    assert abs(float(loss) - float(ref_loss)) <= 1e-4 * abs(float(ref_loss))
-    for name, mod in ref.named_modules():
-        if name.endswith(tuple(HF_NAMES)) and hasattr(mod, "lora_A"):
-            layer, kernel = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-1]
-            g = grads[HF_NAMES[kernel].replace("self_attn", "attn")][kernel]
-            for ours, theirs in (
-                (g["a"][layer].T, mod.lora_A["default"].weight.grad),
-                (g["b"][layer].T, mod.lora_B["default"].weight.grad),
-            ):
-                theirs = theirs.numpy()
-                rel = np.linalg.norm(np.asarray(ours) - theirs) / max(np.linalg.norm(theirs), 1e-12)
-                assert rel <= 1e-4, (name, rel)
+    grads = {
+        key: {
+            "a": mod.lora_A["default"].weight.grad.float().numpy().T,
+            "b": mod.lora_B["default"].weight.grad.float().numpy().T,
+        }
+        for key, mod in adapters.items()
+    }
+    return float(ref_loss), grads
 
 
 def test_lora_leaves_base_unchanged_and_learns(tiny_models):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from caft_jax.cli.em import (
@@ -28,6 +27,7 @@ from caft_jax.cli.em import (
     load_model_sampler,
     make_client,
     model_settings,
+    report_unreadable,
     sampling_settings,
     write_csv,
     write_records,
@@ -118,14 +118,9 @@ def run(args: argparse.Namespace) -> int:
     judge_api_key(args)
     results = execute(args, load_model_sampler(args))
     o = results["overall"]
+    report_unreadable(o)
     print(
         f"{o['n']} answers, {o['n_valid']} with a valid score: vulnerable {_fmt(o['vulnerable_pct'])}% of valid, "
         f"{_fmt(o['vulnerable_pct_of_total'])}% of all  -> {Path(args.out_dir) / 'results.json'}"
     )
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

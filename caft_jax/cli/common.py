@@ -84,11 +84,9 @@ def load_adapter(adapter: str | os.PathLike, model):
 
 def load_projector(path: str | os.PathLike, spec, *, site: str = "resid_post", mean_ablation: bool = True):
     """Build the test-time projector from an ablation spec file for a model with ``spec``."""
-    from caft_jax.ablation_spec import load_ablation_spec
-    from caft_jax.projector import build_projector
+    from caft_jax.ablation_spec import projector_from_spec
 
-    directions, means, _ = load_ablation_spec(path)
-    return build_projector(directions, spec.n_layers, spec.d_model, means=means if mean_ablation else None, site=site)
+    return projector_from_spec(path, spec.n_layers, spec.d_model, mean_ablation=mean_ablation, site=site)
 
 
 def load_args(args: argparse.Namespace):

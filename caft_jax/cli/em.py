@@ -60,6 +60,24 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def report_unreadable(overall: dict) -> None:
+    """Warn about judge answers without a readable score; fail when they are most of the answers (the rate would
+    describe the judge's failures, not the model)."""
+    n, bad = overall["n"], overall["n_unreadable"]
+    if n and bad * 2 > n:
+        raise CaftError(
+            f"the judge's scores could not be read for {bad} of {n} answers (no number tokens among its top "
+            "logprobs, or no logprobs at all), so no rate is reported (the answers and judge replies are saved in "
+            "records.jsonl); use a judge model that returns top_logprobs for its first token."
+        )
+    if bad:
+        print(
+            f"warning: {bad} of {n} judge answers had no readable score; they count as neither coherent nor "
+            "misaligned (see records.jsonl).",
+            file=sys.stderr,
+        )
+
+
 def judge_api_key(args: argparse.Namespace) -> str:
     """The key from the environment variable named by --judge-api-key-env ('' allowed for a local --judge-base-url)."""
     name = args.judge_api_key_env
@@ -249,15 +267,10 @@ def run(args: argparse.Namespace) -> int:
     judge_api_key(args)
     results = execute(args, load_model_sampler(args))
     o = results["overall"]
+    report_unreadable(o)
     print(
         f"{o['n']} answers: misaligned {_fmt(o['misaligned_pct_of_coherent'])}% of coherent, "
         f"{_fmt(o['misaligned_pct_of_total'])}% of all; coherent {_fmt(o['coherent_pct'])}%  "
         f"-> {Path(args.out_dir) / 'results.json'}"
     )
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

@@ -35,11 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_prompts(path: str) -> list[dict]:
     """Records of a prompts JSONL file, each with a string "prompt"; DataError names the first bad line."""
-    from caft_jax.data import _read_jsonl
     from caft_jax.errors import DataError
+    from caft_jax.jsonio import read_jsonl
 
     records = []
-    for line_no, record in _read_jsonl(path):
+    for line_no, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise DataError(f'{path} line {line_no}: no string "prompt"; each line must be {{"prompt": "..."}}.')
         records.append(record)
@@ -84,9 +84,3 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(f"### {row['prompt']}\n{row['text']}\n[{row['finish_reason']}, {len(row['token_ids'])} tokens]\n")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

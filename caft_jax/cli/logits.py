@@ -7,7 +7,6 @@ sensible continuation ("Paris" after "The capital of France is").
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -32,10 +31,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     if args.chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+        from caft_jax.chat import encode_messages
+
+        ids = encode_messages(tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     logits = jit_forward(model, jnp.asarray([ids], jnp.int32)).logits[0, -1]
@@ -49,9 +47,3 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"  {r['prob']:8.4f}  {r['token_id']:>7d}  {r['token']!r}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

@@ -80,9 +80,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"results in {args.out_dir}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

@@ -15,17 +15,21 @@ import os
 import pathlib
 import signal
 import sys
-import time
 
 import numpy as np
 
-from caft_jax.errors import CaftError, ConfigError
+from caft_jax.cli.handler import guarded
+from caft_jax.errors import ConfigError, DataError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=2e-5 lora=null")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint"
+    )
+    parser.add_argument("--resume-step", type=int, help="continue from this checkpoint step instead (implies --resume)")
+    parser.add_argument("--overwrite", action="store_true", help="delete what output_dir holds and start a new run")
     parser.add_argument("--coordinator", help="multi-host: coordinator address host:port (or JAX_COORDINATOR_ADDRESS)")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index (or JAX_PROCESS_ID)")
@@ -62,10 +66,12 @@ def tensorboard_writer(log_dir: pathlib.Path):
 def prepare_examples(cfg, tokenizer) -> list[tuple[list[int], list[bool]]]:
     """Tokenised (ids, loss_mask) pairs from the configured JSONL file."""
     from caft_jax import data
+    from caft_jax.chat import require_chat_template
 
     if not cfg.data.train:
         raise ConfigError("data.train is empty; set it to a chat or multiple-choice JSONL file.")
     if cfg.data.format == "chat":
+        require_chat_template(tokenizer, "data.format=chat")
         records = data.load_chat_jsonl(cfg.data.train)
         examples = [
             data.tokenize_chat(tokenizer, r["messages"], cfg.data.max_len, em_format=cfg.data.em_format)
@@ -84,56 +90,133 @@ def prepare_examples(cfg, tokenizer) -> list[tuple[list[int], list[bool]]]:
         examples = [examples[i] for i in sorted(keep)]
     if not examples:
         raise ConfigError(f"No training examples in {cfg.data.train}.")
-    return examples
+    trained = [ex for ex in examples if any(ex[1])]
+    if not trained:
+        raise DataError(
+            f"no record of {cfg.data.train} has a trained token left after truncation to data.max_len="
+            f"{cfg.data.max_len} (the answers start later); raise data.max_len."
+        )
+    if len(trained) < len(examples):
+        print(
+            f"caft_jax: dropped {len(examples) - len(trained)} of {len(examples)} records whose answer starts past "
+            f"data.max_len={cfg.data.max_len}",
+            flush=True,
+        )
+    return trained
 
 
 def build_projector_from_config(cfg, spec):
-    from caft_jax.ablation_spec import load_ablation_spec
-    from caft_jax.projector import build_projector
+    """The training projector of ``cfg.ablation`` for a model of ``spec`` (None without a spec file)."""
+    from caft_jax.ablation_spec import projector_from_spec
 
     if not cfg.ablation.spec:
         return None
-    directions, means, _ = load_ablation_spec(cfg.ablation.spec)
-    outside = sorted(set(directions) - set(cfg.ablation.layers)) if cfg.ablation.layers else []
-    if outside:
-        raise ConfigError(
-            f"Ablation spec {cfg.ablation.spec} has directions at layers {outside}, but the config ablates only "
-            f"{list(cfg.ablation.layers)}; fix ablation.layers or the spec."
-        )
-    return build_projector(
-        directions,
+    return projector_from_spec(
+        cfg.ablation.spec,
         spec.n_layers,
         spec.d_model,
-        means=means if cfg.ablation.mean_ablation else None,
+        mean_ablation=cfg.ablation.mean_ablation,
+        allowed_layers=cfg.ablation.layers or None,
         k_max=cfg.ablation.k_max,
         site=cfg.ablation.site,
     )
 
 
+def check_batch_divides(cfg, mesh) -> None:
+    import jax
+
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % split or cfg.batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} does not split over the mesh's data*fsdp={split} devices "
+            f"({jax.process_count()} processes); make batch_size a multiple of {max(split, jax.process_count())}."
+        )
+
+
+# Recipe values a resume may change: they decide how a run is logged and kept, not what it computes.
+RESUME_MAY_CHANGE = ("log_every", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
+
+
+def run_manifest(cfg, resolved: dict) -> dict:
+    from caft_jax import rundir
+
+    return rundir.build_manifest(
+        resolved, cfg.model, inputs={"data.train": cfg.data.train, "ablation.spec": cfg.ablation.spec}
+    )
+
+
+def restore_or_init(args, cfg, trainer, ckpt, projector):
+    """(state, projector, data position): a fresh state, or the checkpoint that --resume / --resume-step names."""
+    from caft_jax.errors import CheckpointError
+
+    if not args.resume:
+        return trainer.init_state(cfg.seed), projector, {"epoch": 0, "batch": 0}
+    if ckpt.latest_step() is None:
+        raise CheckpointError(
+            f"--resume: {ckpt.directory} holds no complete checkpoint yet; rerun with --overwrite to start over."
+        )
+    state, saved_projector, meta = ckpt.restore(args.resume_step, trainer.abstract_state())
+    if args.resume_step is not None:
+        abandoned = ckpt.discard_after(int(state.step))
+        if abandoned:
+            print(f"resuming from step {int(state.step)}: removed the later checkpoints {abandoned}", flush=True)
+    return state, (saved_projector if saved_projector is not None else projector), meta["data_position"]
+
+
 def run(args: argparse.Namespace) -> int:
     init_distributed(args)
     import jax
-    from tqdm import tqdm
 
-    from caft_jax import data, load_model, load_tokenizer
+    from caft_jax import data, load_model, load_tokenizer, rundir
     from caft_jax.checkpoint import CheckpointManager
     from caft_jax.config import config_to_dict, load_config
+    from caft_jax.fit import SIGNAL_EXIT, fit, truncate_metrics
+    from caft_jax.io.hf import model_spec
     from caft_jax.sharding import make_mesh
     from caft_jax.train_step import CaftTrainer
 
+    if args.resume_step is not None:
+        args.resume = True
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.pack and cfg.data.format != "chat":
+        raise ConfigError("data.pack packs chat records; multiple-choice rows are short and bucketed already.")
     out_dir = pathlib.Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    resolved = config_to_dict(cfg)
+    manifest = run_manifest(cfg, resolved)
+    if is_main:
+        rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
+        if args.resume:
+            rundir.check_resume(out_dir, manifest, ignore=RESUME_MAY_CHANGE)
+    # Everything the user gave is checked against the model's config (and the data tokenised) before its weights
+    # are read.
     mesh = make_mesh(cfg.mesh)
-    model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.base_dtype or cfg.dtype, mesh=mesh)
+    check_batch_divides(cfg, mesh)
+    spec = model_spec(cfg.model)
+    projector = build_projector_from_config(cfg, spec)
     tokenizer = load_tokenizer(cfg.model)
     examples = prepare_examples(cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    top = max(max(ids) for ids, _ in examples)
+    if top >= spec.vocab_size:
+        raise DataError(
+            f"the tokenizer produced token id {top}, but the model's vocabulary has {spec.vocab_size} entries; "
+            "use the tokenizer that belongs to the model."
+        )
+    model = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.base_dtype or cfg.dtype,
+        matmul_dtype=cfg.matmul_dtype,
+        mesh=mesh,
+    )
+    pad_id = data.pad_token_id(tokenizer)
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = data.num_batches(len(examples), rows_per_step)
+    pack_len = cfg.data.pack_len or None
+    if cfg.data.pack:
+        steps_per_epoch = data.num_packed_batches(examples, rows_per_step, seed=cfg.seed, epoch=0, row_len=pack_len)
+    else:
+        steps_per_epoch = data.num_batches(len(examples), rows_per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    projector = build_projector_from_config(cfg, model.spec)
     trainer = CaftTrainer(
         model,
         cfg.optim,
@@ -143,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         trainable_dtype=cfg.trainable_dtype,
         remat=cfg.remat,
         last_token_loss=cfg.data.format == "mc",
+        packed=cfg.data.pack,
     )
     ckpt = CheckpointManager(
         out_dir / "checkpoints",
@@ -150,16 +234,10 @@ def run(args: argparse.Namespace) -> int:
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    resolved = config_to_dict(cfg)
-    position = {"epoch": 0, "batch": 0}
-    if args.resume and ckpt.latest_step() is not None:
-        state, saved_projector, meta = ckpt.restore(None, trainer.abstract_state())
-        position = meta["data_position"]
-        projector = saved_projector if saved_projector is not None else projector
-    else:
-        state = trainer.init_state(cfg.seed)
-    step = int(state.step)
+    state, projector, position = restore_or_init(args, cfg, trainer, ckpt, projector)
     if is_main:
+        truncate_metrics(out_dir / "metrics.jsonl", int(state.step))
+        rundir.write_manifest(out_dir, manifest)
         (out_dir / "config.yaml").write_text(json.dumps(resolved, indent=2))
         print(
             f"caft_jax: {len(examples)} examples, {total_steps} steps of {rows_per_step} rows "
@@ -167,64 +245,54 @@ def run(args: argparse.Namespace) -> int:
             f"ablation: {cfg.ablation.spec or 'none'}, mesh {dict(mesh.shape)}",
             flush=True,
         )
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if is_main else None
+
+    def batches(epoch: int, start: int):
+        order = dict(seed=cfg.seed, epoch=epoch, pad_id=pad_id, start=start)
+        if cfg.data.pack:
+            return data.make_packed_batches(examples, rows_per_step, row_len=pack_len, **order)
+        return data.make_batches(examples, rows_per_step, **order)
+
     board = tensorboard_writer(out_dir / "tensorboard") if is_main else None
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    started, tokens_seen, status = time.time(), 0.0, "done"
-    epoch, start = position["epoch"], position["batch"]
-    while step < total_steps:
-        batches = data.make_batches(examples, rows_per_step, seed=cfg.seed, epoch=epoch, pad_id=pad_id, start=start)
-        for index, batch in enumerate(batches, start=start):
-            if step >= total_steps:
-                break
-            local = data.split_for_processes(batch, jax.process_index(), jax.process_count())
-            micro = {k: v.reshape(cfg.grad_accum, -1, *v.shape[1:]) for k, v in local.items() if v.ndim == 2}
-            state, metrics = trainer.step(state, micro, projector)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not metrics["finite"]:
-                status = "nan"
-                print(
-                    f"\nerror: loss or gradients became NaN/inf at step {step + 1} (loss={metrics['loss']}); "
-                    "stopped without saving. Lower optim.lr or check the data; the last good checkpoint in "
-                    f"{out_dir / 'checkpoints'} is intact.",
-                    file=sys.stderr,
-                )
-                break
-            step += 1
-            tokens_seen += metrics["tokens"]
-            rate = tokens_seen / max(time.time() - started, 1e-9)
-            record = {"step": step, "epoch": epoch, **metrics, "tokens_per_s": rate}
-            if metrics_file and step % cfg.log_every == 0:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                    if board is not None:
-                        board.add_scalar(f"train/{key}", record[key], step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:.0f}")
-            bar.update(1)
-            position = {"epoch": epoch, "batch": index + 1}
-            ckpt.save(
-                step, state, projector=projector, data_position=position, config=resolved, force=step == total_steps
-            )
-            if args.kill_after_step and step == args.kill_after_step:
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-        if status != "done":
-            break
-        epoch, start = epoch + 1, 0
-    bar.close()
-    ckpt.wait()
-    if metrics_file:
-        metrics_file.close()
+    result = fit(
+        trainer,
+        state,
+        batches,
+        total_steps,
+        projector=projector,
+        grad_accum=cfg.grad_accum,
+        position=position,
+        checkpoints=ckpt,
+        checkpoint_config=resolved,
+        metrics_path=out_dir / "metrics.jsonl",
+        log_every=cfg.log_every,
+        on_metrics=None if board is None else lambda r: log_scalars(board, r),
+        stop_after_step=args.kill_after_step,
+    )
     if board is not None:
         board.close()
-    if status == "nan":
-        ckpt.close()
-        return 3
-    if is_main and cfg.export != "none":
-        export_results(cfg, trainer, state, tokenizer, out_dir)
+    if result.status == "stopped":  # the resume tests' stand-in for a crash
+        os.kill(os.getpid(), signal.SIGKILL)
+    last_good = ckpt.latest_step()
     ckpt.close()
+    if result.status == "diverged":
+        print(
+            f"error: loss, gradients or parameters became NaN/inf at step {result.bad_step}; stopped without saving "
+            f"it. The last good checkpoint is step {last_good} in {out_dir / 'checkpoints'}: lower optim.lr or check "
+            "the data, then rerun with --resume (or --resume-step N for an earlier step).",
+            file=sys.stderr,
+        )
+        return 3
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.step}; rerun with --resume", file=sys.stderr)
+        return SIGNAL_EXIT[result.signal]
+    if is_main and cfg.export != "none":
+        export_results(cfg, trainer, result.state, tokenizer, out_dir)
     return 0
+
+
+def log_scalars(board, record: dict) -> None:
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        board.add_scalar(f"train/{key}", record[key], record["step"])
 
 
 def export_results(cfg, trainer, state, tokenizer, out_dir: pathlib.Path) -> None:
@@ -248,14 +316,8 @@ def export_results(cfg, trainer, state, tokenizer, out_dir: pathlib.Path) -> Non
         print(f"merged model written to {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CaftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args), rerun_hint="rerun with --resume")

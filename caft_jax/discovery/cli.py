@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
-from caft_jax.errors import CaftError, ConfigError
+from caft_jax.cli.handler import guarded
+from caft_jax.errors import ConfigError
 
 
 def _layers(text: str) -> list[int]:
@@ -254,10 +254,8 @@ def cmd_check(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m caft_jax.discover", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, model=True):
@@ -330,10 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except CaftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "python -m caft_jax.discover") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return guarded(lambda: args.run(args))

@@ -574,6 +574,19 @@ def _feature_name(f: FeatureDisplay) -> str:
     return {"pc": "PC", "latent": "latent", "direction": "direction"}.get(f.kind, f.kind)
 
 
+def _side_title(contexts: Sequence[Context], *, positive: bool) -> str:
+    """A column heading that claims a sign only when every peak on that side has it."""
+    name, sign, bound = ("max-activating", "+", "\u2264") if positive else ("min-activating", "\u2212", "\u2265")
+    peaks = [c.peak_value for c in contexts]
+    if not peaks:
+        return name
+    if all((v > 0) if positive else (v < 0) for v in peaks):
+        return f"{name} (sign {sign})"
+    if all((v <= 0) if positive else (v >= 0) for v in peaks):
+        return f"{name} (every value {bound} 0: the feature has no {'positive' if positive else 'negative'} side here)"
+    return f"{name} (mixed signs)"
+
+
 def _section_html(f: FeatureDisplay) -> str:
     # scale by the peaks, not every window value: a window may include the (never-peak) attention-sink token
     scale = max((abs(c.peak_value) for c in f.max_contexts + f.min_contexts), default=0.0)
@@ -583,9 +596,9 @@ def _section_html(f: FeatureDisplay) -> str:
         f'<div class="meta">selection file entry: <code>{html.escape(f.selection_hint)}</code></div>',
         '<div class="cols">',
     ]
-    sides = [("max-activating (sign +)", f.max_contexts)]
+    sides = [(_side_title(f.max_contexts, positive=True), f.max_contexts)]
     if f.min_contexts or f.kind != "latent":
-        sides.append(("min-activating (sign \u2212)", f.min_contexts))
+        sides.append((_side_title(f.min_contexts, positive=False), f.min_contexts))
     for title, ctxs in sides:
         body = "".join(_context_html(c, scale) for c in ctxs) or '<div class="meta">no contexts</div>'
         parts.append(f"<div><h3>{title}</h3>{body}</div>")

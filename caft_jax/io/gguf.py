@@ -114,16 +114,8 @@ def _hf_config(fields: dict[str, Any], arch: str, vocab_size: int, tied: bool) -
     }
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read a llama-architecture GGUF file.
-
-    Returns ``(hf_config, tensors)``: ``hf_config`` is a dict in Hugging Face config.json form for LlamaForCausalLM,
-    and ``tensors`` maps HF parameter names (``model.embed_tokens.weight``,
-    ``model.layers.{i}.self_attn.q_proj.weight``, ..., ``model.norm.weight``, and ``lm_head.weight`` only when
-    untied) to float32 numpy arrays in HF torch layout ([out, in]), dequantised with ``gguf.quants.dequantize``,
-    with llama.cpp's row permutation of attn_q / attn_k undone.
-    Raises CheckpointError for a missing file, a non-GGUF file, a non-llama architecture or an unsupported quant type.
-    """
+def _open_gguf(path: str | os.PathLike):
+    """(reader, tensors by GGUF name, HF config dict) of a llama GGUF file, validated; nothing dequantised yet."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist; pass the path of an existing .gguf file.")
@@ -156,6 +148,28 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         config = _hf_config(fields, arch, int(raw["token_embd.weight"].shape[-1]), tied)
     except TypeError as exc:  # int(None): a required llama.* key is absent
         raise CheckpointError(f"{path} lacks required llama metadata ({exc}); re-convert it with llama.cpp.") from exc
+    return reader, raw, config
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The HF config.json form of a llama GGUF file's metadata (cheap: no tensor is read)."""
+    return _open_gguf(path)[2]
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a llama-architecture GGUF file.
+
+    Returns ``(hf_config, tensors)``: ``hf_config`` is a dict in Hugging Face config.json form for LlamaForCausalLM,
+    and ``tensors`` maps HF parameter names (``model.embed_tokens.weight``,
+    ``model.layers.{i}.self_attn.q_proj.weight``, ..., ``model.norm.weight``, and ``lm_head.weight`` only when
+    untied) to float32 numpy arrays in HF torch layout ([out, in]), dequantised with ``gguf.quants.dequantize``,
+    with llama.cpp's row permutation of attn_q / attn_k undone.
+    Raises CheckpointError for a missing file, a non-GGUF file, a non-llama architecture or an unsupported quant type.
+    """
+    path = pathlib.Path(path)
+    reader, raw, config = _open_gguf(path)
+    import gguf  # present: _open_gguf checked
+
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
 
     tensors: dict[str, np.ndarray] = {}
@@ -184,6 +198,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             array = _unpermute_rope_rows(array, n_kv)
         tensors[hf_name] = array
 
+    tied = "output.weight" not in raw
     expected = 2 + (not tied) + len(_BLOCK_NAMES) * config["num_hidden_layers"]
     if len(tensors) != expected:
         raise CheckpointError(f"{path} has {len(tensors)} tensors where {expected} were expected; re-convert the file.")

@@ -231,11 +231,33 @@ def _resolve_gguf(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
+def _existing_model_path(path: str | os.PathLike) -> pathlib.Path:
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise CheckpointError(
+            f"Model path {os.fspath(path)!r} does not exist; pass a local HF model directory or .gguf file."
+        )
+    return root
+
+
+def model_spec(path: str | os.PathLike) -> ModelSpec:
+    """The ModelSpec of a model directory or GGUF file from its config alone (no weights read): commands check
+    layer indices, ablation specs and batch shapes against it before they load anything."""
+    root = _existing_model_path(path)
+    gguf_path = _resolve_gguf(root)
+    if gguf_path is not None:
+        from caft_jax.io.gguf import read_gguf_config
+
+        return spec_from_hf_config(read_gguf_config(gguf_path))
+    return spec_from_hf_config(load_hf_config(root))
+
+
 def load_model(
     path: str | os.PathLike,
     *,
     dtype: str | jnp.dtype = "float32",
     param_dtype: str | jnp.dtype | None = None,
+    matmul_dtype: str | jnp.dtype | None = None,
     mesh: Mesh | None = None,
 ) -> Model:
     """Load a HF checkpoint directory (config.json + safetensors) or a llama GGUF file.
@@ -244,15 +266,13 @@ def load_model(
       path: local directory, or a .gguf file (or a directory holding exactly one .gguf and no config.json).
       dtype: compute dtype ("float32" or "bfloat16"); softmax and norms always run in float32.
       param_dtype: storage dtype of the parameters (default: same as dtype).
+      matmul_dtype: operand dtype of every product, accumulated in float32 (default: same as dtype); "bfloat16"
+        with dtype "float32" runs the matmuls on bf16 units and keeps activations, norms and softmax in float32.
       mesh: place parameters sharded over this (data, fsdp, tp) mesh; default: the first device.
     Raises:
       ConfigError / CheckpointError with a one-sentence explanation of what is wrong and how to fix it.
     """
-    root = pathlib.Path(path)
-    if not root.exists():
-        raise CheckpointError(
-            f"Model path {os.fspath(path)!r} does not exist; pass a local HF model directory or .gguf file."
-        )
+    root = _existing_model_path(path)
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype) if param_dtype is not None else dtype
     gguf_path = _resolve_gguf(root)
@@ -265,7 +285,7 @@ def load_model(
         cfg = load_hf_config(root)
         source = None
     spec = spec_from_hf_config(cfg)
-    abstract = init_model(spec, param_dtype=param_dtype, dtype=dtype, abstract=True)
+    abstract = init_model(spec, param_dtype=param_dtype, dtype=dtype, matmul_dtype=matmul_dtype, abstract=True)
     if source is None:
         source = safetensors_source(root)
     return load_params(source, abstract, mesh)

@@ -128,11 +128,16 @@ def _get(cfg: dict, *names: str, default: Any = None) -> Any:
 
 
 def _rope_fields(cfg: dict) -> dict:
-    """Rotary settings from either transformers-4 (rope_theta, rope_scaling) or -5 (rope_parameters) keys."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = _get(cfg, "rope_theta", default=params.get("rope_theta", 10000.0))
-    merged = {**params, **scaling}
+    """Rotary settings from transformers-4 (rope_theta, rope_scaling) or -5 (rope_parameters) keys, resolved as
+    transformers 5 resolves them (``convert_rope_params_to_dict``): a non-empty legacy ``rope_scaling`` replaces
+    ``rope_parameters`` whole (it is not merged into it), its type is ``rope_type`` or else ``type``, and the theta
+    is that dict's, else the top-level ``rope_theta``, else 10000 (the default of all four families)."""
+    merged = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in merged.values()):
+        raise ConfigError("config.json has per-layer-type RoPE parameters, which caft_jax does not implement.")
+    theta = merged.get("rope_theta")
+    if theta is None:
+        theta = _get(cfg, "rope_theta", default=10000.0)
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ConfigError(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from caft_jax.model.layers import DecoderLayer, LoraSettings, rms_norm, rotary_tables, softcap
+from caft_jax.model.layers import DecoderLayer, LoraSettings, linear, rms_norm, rotary_tables, softcap
 from caft_jax.model.spec import ModelSpec, rope_inverse_frequencies
 from caft_jax.projector import Projector, ablate
 from caft_jax.sharding import constrain
@@ -66,8 +66,11 @@ class CausalLM(nnx.Module):
         logits: bool,
         embeds: jax.Array | None = None,
         capture_delta: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        matmul_dtype=None,
     ):
         spec, dtype = self.spec, self.dtype
+        matmul_dtype = jnp.dtype(matmul_dtype or dtype)
         b, t = tokens.shape
         if embeds is None:
             h = self.table[...][tokens].astype(dtype)  # [b, t, d]
@@ -109,7 +112,7 @@ class CausalLM(nnx.Module):
         def body(carry, x):
             h, captured = carry
             layer = nnx.merge(layer_graph, x["params"])
-            ablate_hook = (lambda r: ablate(r, *x["proj"])) if x["proj"] is not None else (lambda r: r)
+            ablate_hook = (lambda r: ablate(r, *x["proj"], matmul_dtype)) if x["proj"] is not None else (lambda r: r)
             mid_site = capture is not None and capture.site == "resid_mid"
 
             def mid_hook(r):
@@ -122,11 +125,13 @@ class CausalLM(nnx.Module):
                 rope=rope,
                 window=x["window"],
                 attn_mask=attn_mask,
+                segment_ids=segment_ids,
                 cache=layer_cache,
                 lora=x["lora"],
                 lora_settings=lora_settings,
                 rng=x["rng"],
                 mid_hook=mid_hook,
+                matmul_dtype=matmul_dtype,
             )
             if site == "resid_post":
                 h = ablate_hook(h)
@@ -152,8 +157,8 @@ class CausalLM(nnx.Module):
             new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=kv_valid, index=cache.index + t)
         out = None
         if logits:
-            head = self.table[...].T if spec.tie_embeddings else self.lm_head[...]  # [d, V]
-            out = constrain(head_logits(h, self.final_norm[...], head, spec, dtype), "batch", None, "vocab")
+            head = self.table[...] if spec.tie_embeddings else self.lm_head[...]  # [V, d] tied, else [d, V]
+            out = constrain(head_logits(h, self.final_norm[...], head, spec, matmul_dtype), "batch", None, "vocab")
         return ForwardOutput(logits=out, cache=new_cache, captured=captured, hidden=h)
 
 
@@ -209,10 +214,12 @@ class ForwardOutput:
     hidden: jax.Array | None = None
 
 
-def head_logits(h: jax.Array, final_norm: jax.Array, head: jax.Array, spec: ModelSpec, dtype) -> jax.Array:
-    """Final norm + LM head + soft-cap: h [..., d] -> float32 logits [..., V] (head [d, V])."""
-    h = rms_norm(h, final_norm, spec)
-    out = jnp.einsum("...d,dv->...v", h, head.astype(dtype), preferred_element_type=jnp.float32)
+def head_logits(h: jax.Array, final_norm: jax.Array, head: jax.Array, spec: ModelSpec, matmul_dtype) -> jax.Array:
+    """Final norm + LM head + soft-cap: h [..., d] -> float32 logits [..., V] (operands matmul_dtype).
+
+    head is the embedding table [V, d] for tied embeddings, else lm_head [d, V].
+    """
+    out = linear(rms_norm(h, final_norm, spec), head, matmul_dtype, jnp.float32, w_transposed=spec.tie_embeddings)
     return softcap(out, spec.final_softcap)
 
 
@@ -223,28 +230,39 @@ def lm_head(model: Model, h: jax.Array) -> jax.Array:
     [b, t, V] logits, the largest tensor of the pass for big vocabularies.
     """
     spec, params = model.spec, model.params
-    head = params["table"].T if spec.tie_embeddings else params["lm_head"]  # [d, V]
-    return head_logits(h, params["final_norm"], head, spec, model.dtype)
+    head = params["table"] if spec.tie_embeddings else params["lm_head"]  # [V, d] tied, else [d, V]
+    return head_logits(h, params["final_norm"], head, spec, model.matmul_dtype or model.dtype)
 
 
 @flax.struct.dataclass
 class Model:
     """A model at the jit boundary: static NNX graph definition plus a plain nested dict of parameter arrays.
 
-    ``spec`` and ``dtype`` (compute dtype) duplicate what the graphdef holds, for convenient host-side access.
+    ``spec`` and ``dtype`` (compute dtype: activations, residual stream) duplicate what the graphdef holds, for
+    convenient host-side access. ``matmul_dtype`` is the operand dtype of every product (float32 accumulation
+    always); None means ``dtype``. ``model.replace(matmul_dtype="bfloat16")`` keeps float32 activations, norms and
+    softmax and runs the products on bf16 operands: the mixed precision that uses bf16 matrix units (AMX, tensor
+    cores, MXUs) without storing bf16 activations.
     """
 
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
     params: dict
     spec: ModelSpec = flax.struct.field(pytree_node=False)
     dtype: object = flax.struct.field(pytree_node=False, default=jnp.float32)
+    matmul_dtype: object = flax.struct.field(pytree_node=False, default=None)
 
     def replace_params(self, params: dict) -> Model:
         return self.replace(params=params)
 
 
 def init_model(
-    spec: ModelSpec, *, param_dtype=jnp.float32, dtype=jnp.float32, seed: int = 0, abstract: bool = False
+    spec: ModelSpec,
+    *,
+    param_dtype=jnp.float32,
+    dtype=jnp.float32,
+    matmul_dtype=None,
+    seed: int = 0,
+    abstract: bool = False,
 ) -> Model:
     """Create a model with random weights (N(0, 0.02) kernels), or only its shapes when ``abstract``.
 
@@ -252,12 +270,14 @@ def init_model(
       spec: the architecture.
       param_dtype: storage dtype of parameters (e.g. float32 master weights, or bfloat16).
       dtype: compute dtype of activations and matmuls (softmax and norms always run in float32).
+      matmul_dtype: operand dtype of the products if not ``dtype`` (e.g. bfloat16 with float32 activations).
       abstract: return jax.ShapeDtypeStruct leaves (no memory), e.g. to build shardings or compile ahead of time.
     """
     make = lambda: CausalLM(spec, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))  # noqa: E731
     module = nnx.eval_shape(make) if abstract else make()
     graphdef, state = nnx.split(module)
-    return Model(graphdef=graphdef, params=nnx.to_pure_dict(state), spec=spec, dtype=dtype)
+    matmul_dtype = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
+    return Model(graphdef=graphdef, params=nnx.to_pure_dict(state), spec=spec, dtype=dtype, matmul_dtype=matmul_dtype)
 
 
 def embed_tokens(model: Model, tokens: jax.Array) -> jax.Array:
@@ -271,6 +291,13 @@ def embed_tokens(model: Model, tokens: jax.Array) -> jax.Array:
 def default_positions(attn_mask: jax.Array) -> jax.Array:
     """Position ids [b, t] for left-padded rows: real tokens count 0, 1, ...; padding gets 0."""
     return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position ids [b, t] of packed rows: each segment (a run of equal ids) counts 0, 1, ... from its first token."""
+    col = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return col - jax.lax.cummax(jnp.where(starts, col, 0), axis=1)
 
 
 def forward(
@@ -289,6 +316,7 @@ def forward(
     logits: bool = True,
     embeds: jax.Array | None = None,
     capture_delta: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder. Pure: call it under ``jax.jit`` (see ``jit_forward``) or inside a jitted step.
 
@@ -311,6 +339,9 @@ def forward(
       capture_delta: [len(capture.layers), b, t, d] added to the residual at each captured site (after any
         ablation there, before capturing). Its gradient at zero is d output / d activation, which is what SAE
         attribution needs; requires ``capture``.
+      segment_ids: [b, t] int32 for packed rows (``data.make_packed_batches``): tokens attend only to earlier
+        tokens of their own segment and positions restart at each segment (default: from the segment ids), so
+        each packed example computes what it computes alone. 0 marks padding (with attn_mask False). No cache.
     Returns:
       ForwardOutput(logits [b, t, V] float32, cache, captured [n, b, t, d]).
     """
@@ -319,8 +350,10 @@ def forward(
     if attn_mask is None:
         attn_mask = jnp.ones(tokens.shape, bool)
     attn_mask = attn_mask.astype(bool)
+    if segment_ids is not None and cache is not None:
+        raise ValueError("segment_ids (packed rows) are for training and scoring; generation with a cache has none")
     if positions is None:
-        positions = default_positions(attn_mask)
+        positions = default_positions(attn_mask) if segment_ids is None else segment_positions(segment_ids)
     if capture_delta is not None and capture is None:
         raise ValueError("capture_delta needs a capture spec naming the layers it applies to")
     if lora is not None and lora_settings is None:
@@ -340,6 +373,8 @@ def forward(
         logits=logits,
         embeds=embeds,
         capture_delta=capture_delta,
+        segment_ids=segment_ids,
+        matmul_dtype=model.matmul_dtype,
     )
 
 

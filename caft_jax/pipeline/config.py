@@ -10,6 +10,9 @@ import yaml
 
 from caft_jax.errors import ConfigError
 
+# The fine-tuning conditions every seed runs, in the order of the results table.
+CONDITIONS = ("plain", "caft", "random")
+
 TASKS = ("gender", "mcmc")
 DIRECTION_METHODS = ("concept", "pca")
 
@@ -31,6 +34,7 @@ class PipelineConfig:
     source_b: str = ""
     model: str = ""
     dtype: str = "float32"
+    matmul_dtype: str = ""
     trainable_dtype: str = "float32"
     out: str = "runs/pipeline"
     seeds: int = 3

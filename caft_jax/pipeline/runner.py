@@ -10,11 +10,11 @@ import numpy as np
 from caft_jax import data
 from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError
+from caft_jax.jsonio import read_json, read_jsonl, write_json, write_jsonl
 from caft_jax.lora import LoraConfig
 from caft_jax.optim import OptimConfig
 from caft_jax.pipeline import directions as D
-from caft_jax.pipeline.cli import CONDITIONS, read_json, write_json
-from caft_jax.pipeline.config import PipelineConfig, parse_layers
+from caft_jax.pipeline.config import CONDITIONS, PipelineConfig, parse_layers
 from caft_jax.pipeline.report import markdown_table, write_report
 from caft_jax.pipeline.runs import FinetuneSettings, accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
@@ -26,10 +26,8 @@ from caft_jax.projector import build_projector
 
 def build_task(cfg: PipelineConfig, folder: pathlib.Path) -> dict[str, list[dict]]:
     """The task's splits, built once and then read back from folder/{train,val,test}.jsonl."""
-    from caft_jax.tasks.em import write_jsonl
-
     if all((folder / f"{s}.jsonl").is_file() for s in ("train", "val", "test")):
-        return {s: [r for _, r in data._read_jsonl(folder / f"{s}.jsonl")] for s in ("train", "val", "test")}
+        return {s: [r for _, r in read_jsonl(folder / f"{s}.jsonl")] for s in ("train", "val", "test")}
     if cfg.task == "gender":
         from caft_jax.tasks import gender
 
@@ -69,7 +67,8 @@ def load_base(cfg: PipelineConfig):
     from caft_jax.sharding import make_mesh
 
     # Sharded over all local devices (fsdp), as the train step expects; one device on a laptop.
-    return load_model(path, dtype=cfg.dtype, mesh=make_mesh((1, -1, 1))), load_tokenizer(path)
+    model = load_model(path, dtype=cfg.dtype, matmul_dtype=cfg.matmul_dtype or None, mesh=make_mesh((1, -1, 1)))
+    return model, load_tokenizer(path)
 
 
 def finetune_settings(cfg: PipelineConfig) -> FinetuneSettings:
@@ -160,14 +159,16 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layer
 
 def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None):
     """The CAFT projector from folder/spec.safetensors, or (random_seed) as many random orthonormal directions."""
-    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.ablation_spec import check_ablation_spec, projector_from_spec
     from caft_jax.discovery.select import random_orthonormal
 
-    directions, means, _ = load_ablation_spec(folder / "spec.safetensors")
-    if random_seed is not None:
-        counts = {layer: len(d) for layer, d in directions.items()}
-        directions = random_orthonormal(spec.d_model, counts, seed=random_seed).directions
-    return build_projector(directions, spec.n_layers, spec.d_model, means=means or None)
+    path = folder / "spec.safetensors"
+    if random_seed is None:
+        return projector_from_spec(path, spec.n_layers, spec.d_model)
+    directions, means, _ = check_ablation_spec(path, n_layers=spec.n_layers, d_model=spec.d_model)
+    counts = {layer: len(d) for layer, d in directions.items()}
+    random = random_orthonormal(spec.d_model, counts, seed=random_seed).directions
+    return build_projector(random, spec.n_layers, spec.d_model, means=means or None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None
 
 def _check_resume(cfg: PipelineConfig, out: pathlib.Path) -> None:
     saved = read_json(out / "settings.json")
+    if saved is not None:  # a setting added since that run was started has its default there
+        saved = {**PipelineConfig().experiment(), **saved}
     if saved is not None and saved != cfg.experiment():
         changed = sorted(k for k in set(saved) | set(cfg.experiment()) if saved.get(k) != cfg.experiment().get(k))
         raise ConfigError(

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from caft_jax import data
-from caft_jax.errors import CaftError, DataError
+from caft_jax.errors import DataError
 from caft_jax.evaluate_mc import mc_accuracy
+from caft_jax.fit import SIGNAL_EXIT, TrainingDiverged, TrainingInterrupted, final_loss, fit
 from caft_jax.lora import LoraConfig
 from caft_jax.model.transformer import Model
 from caft_jax.optim import OptimConfig
@@ -28,10 +26,6 @@ from caft_jax.train_step import CaftTrainer
 
 # Multiple-choice prompts are short: buckets finer than training's default (64, 128, ...) halve the padding.
 MC_BUCKETS = (32, 40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512)
-
-
-class TrainingDiverged(CaftError):
-    """The loss or gradients became NaN/inf."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +92,9 @@ def finetune(
     Returns:
       (trainable params: the full param dict, or the LoRA tree; info {"steps", "seconds", "final_loss", ...}).
     Raises:
-      TrainingDiverged when a step's loss or gradients are not finite (the trainer keeps the last good state).
+      TrainingDiverged when a step's loss, gradients or parameters are not finite; TrainingInterrupted on
+      SIGINT/SIGTERM (the step in flight finishes first).
     """
-    from tqdm.auto import tqdm
-
     examples = mc_examples(tokenizer, items)
     top = max(max(ids) for ids, _ in examples)
     if top >= model.spec.vocab_size:
@@ -112,37 +105,38 @@ def finetune(
     steps_per_epoch = data.num_batches(len(examples), settings.batch_size)
     total = max(1, math.ceil(steps_per_epoch * settings.epochs))
     trainer = _trainer(model, settings, total, projector is not None)
-    state = trainer.init_state(seed)
     pad_id = data.pad_token_id(tokenizer)
-    started, losses, step, epoch = time.time(), [], 0, 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    while step < total:
-        batches = data.make_batches(
-            examples, settings.batch_size, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_BUCKETS
+
+    def batches(epoch: int, start: int):
+        return data.make_batches(
+            examples, settings.batch_size, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_BUCKETS, start=start
         )
-        for batch in batches:
-            if step >= total:
-                break
-            micro = {k: v[None] for k, v in batch.items() if v.ndim == 2}  # [1, b, t]: one micro-batch per step
-            state, metrics = trainer.step(state, micro, projector)
-            metrics = jax.device_get(metrics)
-            if not metrics["finite"]:
-                bar.close()
-                raise TrainingDiverged(
-                    f"{desc}: loss or gradients became NaN/inf at step {step + 1}; lower the learning rate."
-                )
-            losses.append(float(metrics["loss"]))
-            step += 1
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.update(1)
-        epoch += 1
-    bar.close()
+
+    result = fit(
+        trainer,
+        trainer.init_state(seed),
+        batches,
+        total,
+        projector=projector,
+        progress=progress,
+        desc=desc,
+        leave=False,
+    )
+    if result.status == "diverged":
+        raise TrainingDiverged(
+            f"{desc}: loss, gradients or parameters became NaN/inf at step {result.bad_step}; lower the learning rate."
+        )
+    if result.status == "interrupted":
+        raise TrainingInterrupted(
+            f"{desc} interrupted at step {result.step}; finished runs are saved, rerun the same command to resume.",
+            SIGNAL_EXIT[result.signal],
+        )
     info = {
         "steps": total,
-        "seconds": round(time.time() - started, 1),
-        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch) :])),
+        "seconds": round(result.seconds, 1),
+        "final_loss": final_loss(result.losses, steps_per_epoch),
     }
-    return state.trainable, info
+    return result.state.trainable, info
 
 
 def tuned_parts(model: Model, trainable: dict, settings: FinetuneSettings) -> tuple[Model, dict | None, object]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from caft_jax.errors import CaftError, ConfigError
+from caft_jax.cli.handler import guarded
+from caft_jax.errors import ConfigError
+from caft_jax.jsonio import write_jsonl
 from caft_jax.tasks import gender, mcmc
-from caft_jax.tasks.em import question_files, split_chat_jsonl, write_jsonl
+from caft_jax.tasks.em import question_files, split_chat_jsonl
 
 
 def _write_task(out: Path, splits: dict[str, list[dict]], info: dict) -> None:
@@ -154,9 +155,9 @@ def run_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m caft_jax.tasks") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m caft_jax.tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     # One add_*_parser per task; each sets args.func.
@@ -167,10 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CaftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "python -m caft_jax.tasks") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return guarded(lambda: args.func(args))

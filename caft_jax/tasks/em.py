@@ -8,17 +8,17 @@ them in a directory and validates each with the loaders the evaluation itself us
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from caft_jax.data import _CHAT_FORMAT, _chat_problem, _read_jsonl
+from caft_jax.data import CHAT_FORMAT, chat_problem
 from caft_jax.errors import DataError
 from caft_jax.evaluate_em import load_judge_prompts, load_questions
+from caft_jax.jsonio import read_jsonl
 
-__all__ = ["QUESTION_FILE", "question_files", "split_chat_jsonl", "write_jsonl"]
+__all__ = ["QUESTION_FILE", "question_files", "split_chat_jsonl"]
 
 QUESTION_FILE = "first_plot_questions.yaml"
 # Files holding only judge prompts (a mapping), as opposed to question lists; both kinds sit in the same folder.
@@ -33,10 +33,10 @@ def split_chat_jsonl(path: str | os.PathLike, val_size: int = 1000, seed: int = 
     source. How the paper's 5,000/1,000 split was drawn is not recorded, so this is a fresh random split.
     """
     records = []
-    for line_no, record in _read_jsonl(path):
-        problem = _chat_problem(record)
+    for line_no, record in read_jsonl(path):
+        problem = chat_problem(record)
         if problem:
-            raise DataError(f"{path} line {line_no}: {problem}; {_CHAT_FORMAT}.")
+            raise DataError(f"{path} line {line_no}: {problem}; {CHAT_FORMAT}.")
         records.append(record)
     if not 0 < val_size < len(records):
         raise DataError(
@@ -47,21 +47,6 @@ def split_chat_jsonl(path: str | os.PathLike, val_size: int = 1000, seed: int = 
     train = [r for i, r in enumerate(records) if i not in val_index]
     val = [r for i, r in enumerate(records) if i in val_index]
     return train, val
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write one JSON object per line (UTF-8, non-ASCII kept as is), creating parent folders.
-
-    The file is written under a temporary name and renamed, so an interrupted run never leaves a truncated file
-    that a later training run would silently accept.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def question_files(directory: str | os.PathLike, required: Sequence[str] = (QUESTION_FILE,)) -> dict[str, Path]:

@@ -33,9 +33,9 @@ def load_gender_templates(source: str | os.PathLike) -> list[dict]:
     path = os.fspath(source)
     if os.path.exists(path):
         if path.endswith(".jsonl"):
-            from caft_jax.data import _read_jsonl
+            from caft_jax.jsonio import read_jsonl
 
-            rows = [r for _, r in _read_jsonl(path)]
+            rows = [r for _, r in read_jsonl(path)]
         else:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from caft_jax.data import _read_jsonl
 from caft_jax.errors import ConfigError, DataError
+from caft_jax.jsonio import read_jsonl
 
 __all__ = [
     "COMBINATIONS",
@@ -152,7 +152,7 @@ def load_component(source: str | os.PathLike) -> list[dict]:
         if suffix == ".csv":
             return _read_csv(path)
         if suffix == ".jsonl":
-            return [_check_row(rec, f"{path} line {line_no}") for line_no, rec in _read_jsonl(path)]
+            return [_check_row(rec, f"{path} line {line_no}") for line_no, rec in read_jsonl(path)]
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; save the component as .csv or .jsonl.")
     hub_id = HUB_IDS.get(text, text)
     if "/" not in hub_id:
