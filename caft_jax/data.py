@@ -101,6 +101,16 @@ def load_mc_jsonl(path: str | os.PathLike) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_token_ids(examples: Sequence[Example], vocab_size: int) -> None:
+    """Raise DataError when a token id is outside the model's vocabulary (a tokenizer from another model)."""
+    top = max(max(ids) for ids, _ in examples)
+    if top >= vocab_size:
+        raise DataError(
+            f"the tokenizer produced token id {top}, but the model's vocabulary has {vocab_size} entries; "
+            "use the tokenizer that belongs to the model."
+        )
+
+
 def pad_token_id(tokenizer) -> int:
     """The id used for padding: the tokenizer's pad token, or its eos token when it has none (as CAFT does)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -184,10 +184,6 @@ def run(args: argparse.Namespace) -> int:
     is_main = jax.process_index() == 0
     resolved = config_to_dict(cfg)
     manifest = run_manifest(cfg, resolved)
-    if is_main:
-        rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
-        if args.resume:
-            rundir.check_resume(out_dir, manifest, ignore=RESUME_MAY_CHANGE)
     # Everything the user gave is checked against the model's config (and the data tokenised) before its weights
     # are read.
     mesh = make_mesh(cfg.mesh)
@@ -196,12 +192,12 @@ def run(args: argparse.Namespace) -> int:
     projector = build_projector_from_config(cfg, spec)
     tokenizer = load_tokenizer(cfg.model)
     examples = prepare_examples(cfg, tokenizer)
-    top = max(max(ids) for ids, _ in examples)
-    if top >= spec.vocab_size:
-        raise DataError(
-            f"the tokenizer produced token id {top}, but the model's vocabulary has {spec.vocab_size} entries; "
-            "use the tokenizer that belongs to the model."
-        )
+    data.check_token_ids(examples, spec.vocab_size)
+    # Only now, with everything checked, may --overwrite delete the old run.
+    if is_main:
+        rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
+        if args.resume:
+            rundir.check_resume(out_dir, manifest, ignore=RESUME_MAY_CHANGE)
     model = load_model(
         cfg.model,
         dtype=cfg.dtype,

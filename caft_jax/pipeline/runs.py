@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from caft_jax import data
-from caft_jax.errors import DataError
 from caft_jax.evaluate_mc import mc_accuracy
 from caft_jax.fit import SIGNAL_EXIT, TrainingDiverged, TrainingInterrupted, final_loss, fit
 from caft_jax.lora import LoraConfig
@@ -96,12 +95,7 @@ def finetune(
       SIGINT/SIGTERM (the step in flight finishes first).
     """
     examples = mc_examples(tokenizer, items)
-    top = max(max(ids) for ids, _ in examples)
-    if top >= model.spec.vocab_size:
-        raise DataError(
-            f"the tokenizer produced token id {top}, but the model's vocabulary has {model.spec.vocab_size} entries; "
-            "use the tokenizer that belongs to the model."
-        )
+    data.check_token_ids(examples, model.spec.vocab_size)
     steps_per_epoch = data.num_batches(len(examples), settings.batch_size)
     total = max(1, math.ceil(steps_per_epoch * settings.epochs))
     trainer = _trainer(model, settings, total, projector is not None)
