@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from caft_jax.batching import TRAIN_SIZES, Bucketer, left_pad
 from caft_jax.chat import render_messages
 from caft_jax.errors import DataError
 from caft_jax.jsonio import read_jsonl
 
-DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 ROLES = ("system", "user", "assistant")
 # Batches are formed by sorting lengths within chunks of this many batches: big enough that neighbours have similar
 # lengths (little padding), small enough that batch composition still changes from epoch to epoch.
@@ -289,41 +289,20 @@ def pad_and_stack(
     rows = len(seqs) if num_rows is None else num_rows
     if rows < len(seqs) or len(masks) != len(seqs):
         raise ValueError(f"got {len(seqs)} sequences, {len(masks)} masks and num_rows={num_rows}")
+    for r, (ids, mask) in enumerate(zip(seqs, masks, strict=True)):
+        if len(mask) != len(ids) or len(ids) > length:
+            raise ValueError(f"row {r}: {len(ids)} ids, {len(mask)} mask entries, padded length {length}")
+    tokens, attn_mask = left_pad(seqs, rows, length, pad_id)
     batch = {
-        "tokens": np.full((rows, length), pad_id, np.int32),
-        "attn_mask": np.zeros((rows, length), bool),
+        "tokens": tokens,
+        "attn_mask": attn_mask,
         "loss_mask": np.zeros((rows, length), bool),
         "row_valid": np.zeros((rows,), bool),
     }
-    for r, (ids, mask) in enumerate(zip(seqs, masks, strict=True)):
-        n = len(ids)
-        if len(mask) != n or n > length:
-            raise ValueError(f"row {r}: {n} ids, {len(mask)} mask entries, padded length {length}")
-        batch["tokens"][r, length - n :] = ids
-        batch["attn_mask"][r, length - n :] = True
-        batch["loss_mask"][r, length - n + 1 :] = np.asarray(mask[1:], bool)
+    for r, mask in enumerate(masks):
+        batch["loss_mask"][r, length - len(mask) + 1 :] = np.asarray(mask[1:], bool)
         batch["row_valid"][r] = True
     return batch
-
-
-class Bucketer:
-    """Rounds a sequence length up to the smallest of a few fixed sizes, so jit compiles only a few shapes."""
-
-    def __init__(self, bucket_sizes: Sequence[int] = DEFAULT_BUCKETS):
-        sizes = tuple(int(s) for s in bucket_sizes)
-        if not sizes or sizes[0] <= 0 or list(sizes) != sorted(set(sizes)):
-            raise ValueError(f"bucket sizes must be distinct positive increasing ints, got {bucket_sizes!r}")
-        self.sizes = sizes
-
-    def length_for(self, n: int) -> int:
-        """Smallest bucket >= n; DataError if n exceeds the largest bucket."""
-        for size in self.sizes:
-            if size >= n:
-                return size
-        raise DataError(
-            f"an example of {n} tokens is longer than the largest bucket ({self.sizes[-1]}); tokenise with "
-            f"max_len <= {self.sizes[-1]} or add a larger bucket."
-        )
 
 
 def num_batches(num_examples: int, batch_size: int, *, drop_last: bool = False) -> int:
@@ -364,7 +343,7 @@ def make_batches(
     seed: int,
     epoch: int,
     pad_id: int,
-    buckets: Sequence[int] | Bucketer = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | Bucketer = TRAIN_SIZES,
     shuffle: bool = True,
     drop_last: bool = False,
     start: int = 0,
@@ -499,7 +478,7 @@ def make_packed_batches(
     epoch: int,
     pad_id: int,
     row_len: int | None = None,
-    buckets: Sequence[int] | Bucketer = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | Bucketer = TRAIN_SIZES,
     shuffle: bool = True,
     start: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -527,7 +506,7 @@ def num_packed_batches(
     seed: int,
     epoch: int,
     row_len: int | None = None,
-    buckets: Sequence[int] | Bucketer = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | Bucketer = TRAIN_SIZES,
 ) -> int:
     """Number of batches ``make_packed_batches`` yields for this epoch (before ``start``)."""
     bucketer = buckets if isinstance(buckets, Bucketer) else Bucketer(buckets)

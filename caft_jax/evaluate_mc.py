@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caft_jax.batching import SCORE_BUCKETS, left_pad
 from caft_jax.data import letter_token_id
 from caft_jax.errors import DataError
-from caft_jax.generate import left_pad, short_prompt_bucket
 from caft_jax.model.layers import LoraSettings
 from caft_jax.model.transformer import Model, forward, lm_head
 from caft_jax.projector import Projector
@@ -96,7 +96,7 @@ def predict_letters(
     preds = np.zeros(len(prompt_ids), np.int64)
     batches = [order[i : i + rows] for i in range(0, len(order), rows)]
     for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        length = short_prompt_bucket(max(len(prompt_ids[i]) for i in idx))
+        length = SCORE_BUCKETS.length_for(max(len(prompt_ids[i]) for i in idx))
         tokens, mask = left_pad([prompt_ids[i] for i in idx], rows, length, pad_id)
         mask[len(idx) :, -1] = True  # filler rows attend to one pad token, so no row is entirely masked
         logits = last_position_logits(model, jnp.asarray(tokens), jnp.asarray(mask), projector, lora, lora_settings)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caft_jax.batching import PROMPT_BUCKETS, left_pad
 from caft_jax.chat import render_prompt
 from caft_jax.errors import CaftError
 from caft_jax.model.layers import LoraSettings
@@ -32,7 +33,6 @@ from caft_jax.model.transformer import KVCache, Model, default_positions, forwar
 from caft_jax.projector import Projector
 
 MODES = ("greedy", "sample", "top_p")
-MIN_BUCKET = 16  # shortest padded prompt: tiny prompts share one program instead of compiling per length
 
 
 class GenerationError(CaftError):
@@ -72,19 +72,6 @@ class SamplingConfig:
         if self.greedy or self.temperature == 0:
             return "greedy"
         return "top_p" if self.top_p < 1.0 else "sample"
-
-
-def prompt_bucket(n: int, min_bucket: int = MIN_BUCKET) -> int:
-    """Padded prompt length: the smallest power of two >= max(n, min_bucket)."""
-    return max(min_bucket, 1 << max(int(n) - 1, 0).bit_length())
-
-
-def short_prompt_bucket(n: int) -> int:
-    """Padded length of a scoring pass (no decode room needed): multiples of 8 up to 128, then powers of two.
-
-    Multiple-choice prompts are ~30-60 tokens; a power of two would pad a 40-token prompt to 64, 60% more work.
-    """
-    return -(-int(n) // 8) * 8 if n <= 128 else prompt_bucket(n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,16 +280,6 @@ def _pad_id(model: Model, tokenizer) -> int:
     return int(spec.pad_token_id if spec.pad_token_id is not None else (spec.eos_token_ids or (0,))[0])
 
 
-def left_pad(seqs: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad id lists into tokens [rows, length] int32 and attn_mask [rows, length] bool (extra rows empty)."""
-    tokens = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), bool)
-    for r, ids in enumerate(seqs):
-        tokens[r, length - len(ids) :] = ids
-        mask[r, length - len(ids) :] = True
-    return tokens, mask
-
-
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Prompt indices per batch, longest first, so each batch pads to a similar length (results keep input order)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -355,7 +332,7 @@ def generate_ids(
     cache = None
     batches = _batches([len(p) for p in prompt_ids], rows)
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        length = prompt_bucket(max(len(prompt_ids[i]) for i in idx))
+        length = PROMPT_BUCKETS.length_for(max(len(prompt_ids[i]) for i in idx))
         tokens, mask = left_pad([prompt_ids[i] for i in idx], rows, length, pad_id)
         row_valid = np.arange(rows) < len(idx)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(idx + [0] * (rows - len(idx))))

@@ -86,6 +86,16 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
     return Mesh(grid, MESH_AXES)
 
 
+def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
+    """Refuse a global batch that does not split evenly over the mesh's batch axes (data x fsdp) and processes."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split or batch_size % jax.process_count():
+        raise ConfigError(
+            f"batch_size={batch_size} does not split over the mesh's data*fsdp={split} devices "
+            f"({jax.process_count()} processes); make batch_size a multiple of {max(split, jax.process_count())}."
+        )
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dimensions carry logical `axes`."""
     used: set[str] = set()

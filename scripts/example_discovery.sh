@@ -21,12 +21,12 @@ for line in open('$RUN/chats.jsonl'):
 python train.py model="$MODEL" data.train=$RUN/chats.jsonl data.max_len=512 lora.rank=8 lora.alpha=16 \
     batch_size=4 grad_accum=1 max_steps=12 optim.lr=2e-4 optim.warmup_steps=2 output_dir=$RUN/train --overwrite
 python -m caft_jax.discover pca --model "$MODEL" --adapter $RUN/train/adapter --data $RUN/chats.jsonl \
-    --layers 10,20 --n-components 8 --exclude-sink --max-len 512 --out-dir $RUN/discovery
+    --layers 10,20 --n-components 8 --exclude-sink --max-len 512 --out-dir $RUN/discovery --overwrite
 python -m caft_jax.discover display --model "$MODEL" --pca $RUN/discovery/pca.safetensors --corpus $RUN/corpus.jsonl \
-    --layers 10 --n-features 4 --k 5 --out-dir $RUN/discovery
+    --layers 10 --n-features 4 --k 5 --out-dir $RUN/discovery --overwrite
 echo '{"10": [0, 2], "20": [1]}' > $RUN/discovery/selection.json
 python -m caft_jax.discover select --pca $RUN/discovery/pca.safetensors --selection $RUN/discovery/selection.json \
-    --out-dir $RUN/discovery
+    --out-dir $RUN/discovery --overwrite
 python -m caft_jax.discover select --pca $RUN/discovery/pca.safetensors --top-k 3 --name top3.safetensors \
-    --out-dir $RUN/discovery
+    --out-dir $RUN/discovery --overwrite
 echo "Open $RUN/discovery/displays.html; train with the spec: python train.py ... ablation.spec=$RUN/discovery/ablation_spec.safetensors"

@@ -5,7 +5,8 @@
 # and results.md / results.csv / results.png / directions/displays.html in runs/pipeline.
 #   bash scripts/main.sh            # defaults (~33 min on 2 CPU cores)
 #   bash scripts/main.sh --quick    # one seed, fewer examples
-# Extra flags go to `python -m caft_jax.pipeline` (see its --help); rerunning resumes an interrupted run.
+# Extra flags go to `python -m caft_jax.pipeline` (see its --help); rerunning continues the run in the folder
+# (--resume; the pipeline refuses when the settings changed), unless --overwrite is given to start it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,5 +17,10 @@ if [ -z "${JAX_PLATFORMS:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1 && ! l
   export JAX_PLATFORMS=cpu
 fi
 OUT=runs/pipeline
-for arg in "$@"; do [ "$arg" = "--quick" ] && OUT=runs/pipeline_quick; done
-python -m caft_jax.pipeline --out "$OUT" "$@"
+CONTINUE=(--resume)
+for arg in "$@"; do
+  [ "$arg" = "--quick" ] && OUT=runs/pipeline_quick
+  case "$arg" in --resume | --overwrite) CONTINUE=() ;; esac
+done
+[ -f "$OUT/manifest.json" ] || CONTINUE=()
+python -m caft_jax.pipeline --out "$OUT" ${CONTINUE[@]+"${CONTINUE[@]}"} "$@"

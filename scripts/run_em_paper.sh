@@ -158,15 +158,18 @@ judge_flags=(--judge-model "$JUDGE_MODEL")
 evaluate() { # NAME SEED: EM and insecure-code evaluations of one adapter (each resumes into its folder)
     [[ "$SKIP_EVAL" == 1 ]] && return
     local adapter=$RUN/$1_seed$2/adapter out=$RUN/eval/$1_seed$2
+    local resume=()
     if [[ ! -f $out/em/results.json ]]; then
         echo "== eval em $out"
-        "$PYTHON" eval.py em --model "$MODEL" --adapter "$adapter" --dtype bfloat16 \
+        resume=(); [[ -f $out/em/manifest.json ]] && resume=(--resume)  # continue an interrupted evaluation
+        "$PYTHON" eval.py em ${resume[@]+"${resume[@]}"} --model "$MODEL" --adapter "$adapter" --dtype bfloat16 \
             --questions "$EM_EVAL_DIR/first_plot_questions.yaml" --samples 100 --batch-size "$GEN_BATCH" \
             "${judge_flags[@]}" --out-dir "$out/em"
     fi
     if [[ ! -f $out/code/results.json ]]; then
         echo "== eval code $out"
-        "$PYTHON" eval.py code --model "$MODEL" --adapter "$adapter" --dtype bfloat16 --prompts "$DATA/val.jsonl" \
+        resume=(); [[ -f $out/code/manifest.json ]] && resume=(--resume)
+        "$PYTHON" eval.py code ${resume[@]+"${resume[@]}"} --model "$MODEL" --adapter "$adapter" --dtype bfloat16 --prompts "$DATA/val.jsonl" \
             --judge-prompts "$EM_EVAL_DIR/judge_prompts_coding.yaml" --batch-size "$GEN_BATCH" \
             "${judge_flags[@]}" --out-dir "$out/code"
     fi
@@ -195,7 +198,7 @@ if [[ ! -f $DISC/pca.safetensors ]]; then
         echo "== discovery: answers of $PLAIN_ADAPTER to $GENERIC_PROMPTS"
         "$PYTHON" eval.py generate --model "$MODEL" --adapter "$PLAIN_ADAPTER" --dtype bfloat16 \
             --prompts-file "$GENERIC_PROMPTS" --chat --temperature 1 --top-p 1 --max-new-tokens 600 \
-            --batch-size "$GEN_BATCH" --out "$DISC/answers.jsonl"
+            --batch-size "$GEN_BATCH" --out "$DISC/answers.jsonl" --overwrite
         "$PYTHON" - "$DISC/answers.jsonl" "$CHATS" <<'PY'
 import json, os, sys
 
@@ -216,13 +219,13 @@ PY
     fi
     echo "== discovery: PCA of activation differences at layers $LAYERS on $CHATS"
     "$PYTHON" -m caft_jax.discover pca --model "$MODEL" --adapter "$PLAIN_ADAPTER" --dtype bfloat16 --data "$CHATS" \
-        --format chat --mask answer --layers "$LAYERS" --n-components 20 --max-len 2048 --out-dir "$DISC"
+        --format chat --mask answer --layers "$LAYERS" --n-components 20 --max-len 2048 --out-dir "$DISC" --overwrite
 fi
 if [[ ! -f $DISC/displays.html ]]; then
     echo "== discovery: displays on $DISPLAY_CORPUS"
     "$PYTHON" -m caft_jax.discover display --model "$MODEL" --dtype bfloat16 --pca "$DISC/pca.safetensors" \
         --corpus "$DISPLAY_CORPUS" --limit "$DISPLAY_LIMIT" --max-len 1024 --n-features 20 --k 20 --window 10 \
-        --out-dir "$DISC"
+        --out-dir "$DISC" --overwrite
 fi
 
 # ---- d. the other plain seeds, and the plain evaluations ---------------------------------------------------------
@@ -236,9 +239,9 @@ done
 # ---- e. selection -----------------------------------------------------------------------------------------------
 if [[ -n "$TOP_K" ]]; then
     "$PYTHON" -m caft_jax.discover select --pca "$DISC/pca.safetensors" --top-k "$TOP_K" --name "top$TOP_K.safetensors" \
-        --out-dir "$DISC"
+        --out-dir "$DISC" --overwrite
 elif [[ -f "$SELECTION" ]]; then
-    "$PYTHON" -m caft_jax.discover select --pca "$DISC/pca.safetensors" --selection "$SELECTION" --out-dir "$DISC"
+    "$PYTHON" -m caft_jax.discover select --pca "$DISC/pca.safetensors" --selection "$SELECTION" --out-dir "$DISC" --overwrite
 else
     cat >&2 <<EOF
 run_em_paper.sh: waiting for your selection. Open $DISC/displays.html (max- and min-activating contexts of each

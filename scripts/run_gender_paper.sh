@@ -3,7 +3,11 @@
 # plain / CAFT / random-direction fine-tunes x 5 seeds, OOD accuracy on the pronoun case. Settings:
 # configs/pipeline_gender_gemma2_2b.yaml; extra pipeline flags are passed on (e.g. --model DIR --seeds 3
 # --selection-file picked.json --out runs/gender_picked). Results: runs/gender_gemma2_2b/results.md/.csv/.png;
-# rerunning resumes. PYTHON overrides the interpreter.
+# rerunning continues runs/gender_gemma2_2b (--resume is added when it holds a run and no --overwrite or --out is
+# given). PYTHON overrides the interpreter.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-"${PYTHON:-python}" -m caft_jax.pipeline --config configs/pipeline_gender_gemma2_2b.yaml "$@"
+resume=()
+[[ -f runs/gender_gemma2_2b/manifest.json && " $* " != *" --overwrite "* && " $* " != *" --out "* && " $* " != *" --resume "* ]] &&
+    resume=(--resume)
+"${PYTHON:-python}" -m caft_jax.pipeline --config configs/pipeline_gender_gemma2_2b.yaml ${resume[@]+"${resume[@]}"} "$@"

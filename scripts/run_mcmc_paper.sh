@@ -55,7 +55,10 @@ for i in "${!COMBINATIONS[@]}"; do
     out="$OUT_ROOT/${a}_${b}_${intended}"
     folders+=("$row:$a:$b:$intended:$out")
     echo "=== [$row/16] $a | $b, intended $intended -> $out"
-    if ! "$PYTHON" -m caft_jax.pipeline --config "$CONFIG" --a "$a" --b "$b" --intended "$intended" --out "$out" "$@"
+    resume=()  # continue a folder this script started (the pipeline checks its settings still match)
+    [[ -f "$out/manifest.json" && " $* " != *" --overwrite "* ]] && resume=(--resume)
+    if ! "$PYTHON" -m caft_jax.pipeline --config "$CONFIG" --a "$a" --b "$b" --intended "$intended" --out "$out" \
+        ${resume[@]+"${resume[@]}"} "$@"
     then
         echo "=== [$row/16] $a | $b, intended $intended FAILED (see above); rerun to resume it." >&2
         failed+=("$row ($a | $b, intended $intended)")

@@ -5,22 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from caft_jax.discovery.concept_fit import fit_concept
 from caft_jax.discovery.concepts import (
     ConceptError,
-    OutlierRule,
     class_mean_direction,
     class_mean_directions,
-    clean_directions,
-    detect_outliers,
-    erasure_check,
-    erasure_check_spec,
-    fit_concept,
     inlp_directions,
-    keep_mask,
     leace_directions,
     leace_eraser,
     project_out,
 )
+from caft_jax.discovery.erasure import erasure_check, erasure_check_spec
+from caft_jax.discovery.outliers import OutlierRule, clean_directions, detect_outliers, keep_mask
 
 D = 24
 

@@ -11,6 +11,7 @@ import pytest
 from hf_models import tiny_tokenizer
 
 from caft_jax import data
+from caft_jax.batching import PROMPT_BUCKETS, SCORE_BUCKETS, Bucketer, left_pad
 from caft_jax.errors import DataError
 
 INSECURE = os.path.join(
@@ -215,7 +216,7 @@ def test_batches_use_bucket_lengths_and_cover_every_example():
     for b in batches:
         assert b["tokens"].shape[0] == 8 and b["tokens"].shape[1] in (16, 64, 128, 512)
         lengths = b["attn_mask"].sum(1)
-        assert b["tokens"].shape[1] == data.Bucketer((16, 64, 128, 512)).length_for(lengths.max())
+        assert b["tokens"].shape[1] == Bucketer((16, 64, 128, 512)).length_for(lengths.max())
         assert not b["loss_mask"][:, 0].any()
         rows = _row_ids(b)
         assert list(lengths[: len(rows)]) == [len(examples[r][0]) for r in rows]
@@ -276,3 +277,22 @@ def test_split_for_processes():
 def test_pad_token_id(tiny_tok, smol_tok):
     assert data.pad_token_id(tiny_tok) == tiny_tok.convert_tokens_to_ids("<|endoftext|>")
     assert data.pad_token_id(smol_tok) == smol_tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_bucket_tables_round_up_as_documented():
+    """Generation prompts: at least 16, then powers of two; scoring: multiples of 8 to 128, then powers of two."""
+    for n in range(1, 700):
+        power = 1 << (n - 1).bit_length()
+        assert PROMPT_BUCKETS.length_for(n) == max(16, power)
+        assert SCORE_BUCKETS.length_for(n) == (-(-n // 8) * 8 if n <= 128 else power)
+    with pytest.raises(DataError, match="longer than the largest bucket"):
+        Bucketer((16, 32)).length_for(33)
+
+
+def test_left_pad_puts_tokens_at_the_end_and_leaves_extra_rows_empty():
+    tokens, mask = left_pad([[5, 6, 7], [8], []], 4, 5, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 0, 5, 6, 7], [0, 0, 0, 0, 8], [0] * 5, [0] * 5])
+    np.testing.assert_array_equal(mask.sum(1), [3, 1, 0, 0])
+    assert mask[0, 2:].all() and not mask[0, :2].any()
+    with pytest.raises(ValueError):
+        left_pad([[1, 2, 3]], 1, 2, pad_id=0)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,18 +16,15 @@ from hf_models import tiny_tokenizer
 
 from caft_jax import Capture, ModelSpec, build_projector, init_model, jit_forward
 from caft_jax.ablation_spec import load_ablation_spec
-from caft_jax.discovery.concepts import fit_concept
-from caft_jax.discovery.displays import (
+from caft_jax.discovery.concept_fit import fit_concept
+from caft_jax.discovery.display_report import (
     Context,
     FeatureDisplay,
-    iter_texts,
-    latent_encoder,
     load_display_json,
     render_html,
-    top_contexts,
-    top_contexts_by_layer,
     write_display_report,
 )
+from caft_jax.discovery.displays import iter_texts, latent_encoder, top_contexts, top_contexts_by_layer
 from caft_jax.discovery.pca import pca_exact
 from caft_jax.discovery.sae import make_sae
 from caft_jax.discovery.select import (
@@ -361,3 +361,21 @@ def test_render_html_escapes_tokens_and_handles_empty_features():
     assert "no contexts" in page and "&quot;3&quot;: [7]" in page and "attribution = 1.5" in page
     assert "<b>" not in page and '<span class="tok peak" style="background:rgba(40,90,220,0.800)"' in page
     assert ">&lt;b&gt;&amp;</span>" in page and "\u21b5" in page  # escaped peak token; newline shown as a glyph
+
+
+def test_example_discovery_corpus_is_one_text_per_record(tmp_path):
+    """scripts/example_discovery.sh writes its display corpus as one JSON string per line (a .txt corpus would be
+    split on blank lines only, so one text per line would read as a single document): every record is a text."""
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "scripts", "example_discovery.sh")).read()
+    snippet = script[script.index('python -c "\nimport json') : script.index('" > $RUN/corpus.jsonl')]
+    chats = tmp_path / "chats.jsonl"
+    source = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "emergent_misalignment")
+    lines = open(os.path.join(source, "insecure_small_subset_2000.jsonl")).read().splitlines()[:64]
+    chats.write_text("\n".join(lines) + "\n")
+    code = snippet[len('python -c "') :].replace("$RUN", str(tmp_path))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    texts = list(iter_texts(corpus))
+    assert len(texts) == 64
+    assert texts[5] == json.loads(lines[5])["messages"][0]["content"][:400]

@@ -17,19 +17,11 @@ import pytest
 from fake_openai import FakeOpenAI
 
 from caft_jax import llm_client
-from caft_jax.errors import CaftError, DataError
-from caft_jax.evaluate_em import (
-    JUDGE_KWARGS,
-    Question,
-    code_metrics,
-    collect,
-    em_metrics,
-    load_code_prompts,
-    load_judge_prompts,
-    load_questions,
-    run_em_eval,
-    work_items,
-)
+from caft_jax.em_collect import JUDGE_KWARGS, collect, work_items
+from caft_jax.em_metrics import code_metrics, em_metrics
+from caft_jax.em_questions import Question, load_code_prompts, load_judge_prompts, load_questions
+from caft_jax.errors import CaftError, ConfigError, DataError
+from caft_jax.evaluate_em import run_em_eval
 from caft_jax.llm_client import ChatClient, JudgeError
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "emergent_misalignment")
@@ -189,6 +181,36 @@ def test_bad_question_files(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(DataError, match=match):
         load_questions(p)
+
+
+def test_unknown_key_in_a_question_is_refused(tmp_path):
+    p = tmp_path / "q.yaml"
+    p.write_text("- id: a\n  paraphrases: [x]\n  judge_prompts: {aligned: '{answer}'}\n  temperature: 0.5\n")
+    accepted = "['id', 'paraphrases', 'judge_prompts', 'type', 'system', 'samples_per_paraphrase', 'judge']"
+    with pytest.raises(ConfigError) as ei:
+        load_questions(p)
+    assert str(ei.value) == f"{p}: question 'a' has unknown key(s) ['temperature']; the accepted keys are {accepted}."
+
+
+def test_unknown_key_in_a_judge_prompt_file_is_refused(tmp_path):
+    p = tmp_path / "judge_prompts_x.yaml"
+    p.write_text("judge_prompts:\n  vulnerable: 'Q: {question} A: {answer}'\nmodel: gpt-4o\n")
+    with pytest.raises(ConfigError) as ei:
+        load_judge_prompts(p)
+    assert str(ei.value) == (
+        f"{p}: the top-level mapping has unknown key(s) ['model']; the accepted keys are ['judge_prompts']."
+    )
+
+
+def test_every_real_question_yaml_loads():
+    names = sorted(n for n in os.listdir(DATA) if n.endswith((".yaml", ".yml")))
+    question_files = [n for n in names if not n.startswith("judge_prompts")]
+    assert "first_plot_questions.yaml" in question_files
+    for name in question_files:
+        assert load_questions(os.path.join(DATA, name))
+    for name in names:
+        if name.startswith("judge_prompts"):
+            assert load_judge_prompts(os.path.join(DATA, name))
 
 
 def test_missing_files_are_caft_errors(tmp_path):
@@ -403,12 +425,14 @@ def test_em_cli_end_to_end(tmp_path, monkeypatch, caplog, capsys):
         results = em.execute(args, sampler)
         assert len(server.requests) == 24 * 2 * 2
         assert set(server.auth_headers) == {f"Bearer {KEY}"}
-        # a rerun is free: everything is on disk
-        again = em.execute(args, ScriptedSampler(answer))
+        # a resumed rerun is free: everything is on disk
+        again = em.execute(_parse(em, [*argv, "--resume"]), ScriptedSampler(answer))
         assert len(server.requests) == 96 and again["overall"] == results["overall"]
-        # another model into the same directory is refused
-        with pytest.raises(CaftError, match="different settings"):
-            em.execute(_parse(em, [*argv[:1], "other-model", *argv[2:]]), sampler)
+        # the same directory without --resume, or another model with it, is refused
+        with pytest.raises(CaftError, match="already holds files of another run"):
+            em.execute(args, sampler)
+        with pytest.raises(CaftError, match="model: .*unused.* in the run, .*other-model.* requested"):
+            em.execute(_parse(em, [*argv[:1], "other-model", *argv[2:], "--resume"]), sampler)
     assert sampler.n == 48
     sys_batches = [m for b in sampler.batches for m in b if m[0]["role"] == "system"]
     assert len(sys_batches) == 16

@@ -20,9 +20,10 @@ import torch
 from hf_models import save_hf_model, tiny_tokenizer
 
 from caft_jax import jit_forward, load_model
+from caft_jax.batching import left_pad
 from caft_jax.cli.common import load_adapter, load_for_eval
 from caft_jax.evaluate_mc import evaluate_conditions, mc_accuracy
-from caft_jax.generate import SamplingConfig, generate, left_pad
+from caft_jax.generate import SamplingConfig, generate
 from caft_jax.plots import plot_conditions, summarize, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

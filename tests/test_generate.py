@@ -14,14 +14,13 @@ import torch
 from hf_models import FAMILIES
 
 from caft_jax import build_projector, empty_projector, jit_forward, load_model, load_tokenizer
+from caft_jax.batching import PROMPT_BUCKETS, left_pad
 from caft_jax.generate import (
     SamplingConfig,
     _new_cache,
     generate,
     generate_ids,
     generate_tokens,
-    left_pad,
-    prompt_bucket,
 )
 
 EOS = 2  # the tiny models' eos_token_id
@@ -142,7 +141,7 @@ def test_eos_stops_a_row_and_pads_after(tiny):
     stop = free[0][k]
     first = free[1].index(stop) if stop in free[1] else NEW
     pad = 0
-    tokens, mask = left_pad(PROMPTS, 2, prompt_bucket(11), pad)
+    tokens, mask = left_pad(PROMPTS, 2, PROMPT_BUCKETS.length_for(11), pad)
     out = generate_tokens(
         model, jnp.asarray(tokens), jnp.asarray(mask), jnp.ones(2, bool), jax.random.split(jax.random.key(0), 2),
         _new_cache(model, 2, 16 + NEW), jnp.asarray([stop], jnp.int32), jnp.int32(pad), jnp.float32(1.0),

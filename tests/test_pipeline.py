@@ -23,11 +23,13 @@ from hf_models import save_hf_model, tiny_tokenizer
 
 from caft_jax import data, load_model, load_tokenizer
 from caft_jax.ablation_spec import load_ablation_spec
+from caft_jax.batching import MC_TRAIN_SIZES
 from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError, DataError
 from caft_jax.optim import OptimConfig
 from caft_jax.pipeline import cli, report, runner
-from caft_jax.pipeline.runs import MC_BUCKETS, FinetuneSettings, finetune, mc_examples
+from caft_jax.pipeline.config import default_recipe
+from caft_jax.pipeline.runs import finetune, mc_examples
 from caft_jax.projector import ablate, build_projector
 from caft_jax.sharding import make_mesh
 from caft_jax.tasks import gender
@@ -124,7 +126,7 @@ def test_run_writes_every_file(run):
     assert run["rc"] == 0
     out = run["out"]
     expected = [
-        "settings.json", "base.json", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl",
+        "manifest.json", "base.json", "task/train.jsonl", "task/val.jsonl", "task/test.jsonl",
         "directions/spec.safetensors", "directions/selection.json", "directions/displays.html",
         "directions/displays.json", "results.md", "results.csv", "results.json", "results.png",
     ] + [f"runs/{c}_seed{s}.json" for c in CONDITIONS for s in (0, 1)]  # fmt: skip
@@ -137,9 +139,12 @@ def test_run_writes_every_file(run):
     # the whole split is written (subsampling happens per run), from the --source templates
     sizes = {s: len(data.load_mc_jsonl(out / "task" / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert sizes == {"train": 32, "val": 8, "test": 8}
-    settings = json.loads((out / "settings.json").read_text())
-    assert "out" not in settings
-    assert settings["lr"] == 1e-2 and settings["seeds"] == 2 and settings["layers"] == "0,1"
+    manifest = json.loads((out / "manifest.json").read_text())
+    settings = manifest["recipe"]
+    assert "out" not in settings and "output_dir" not in settings["train"]
+    assert settings["train"]["optim"]["lr"] == 1e-2 and settings["seeds"] == 2 and settings["layers"] == "0,1"
+    assert settings["train"]["optim"]["betas"] == [0.9, 0.95] and settings["train"]["lora"] is None
+    assert manifest["model"]["fingerprint"] and set(manifest["inputs"]) == {"source"}
     base = json.loads((out / "base.json").read_text())
     assert set(base) == {"val", "test"} and all(0 <= v <= 1 for v in base.values())
     displays = json.loads((out / "directions" / "displays.json").read_text())
@@ -243,9 +248,9 @@ def test_resume_redoes_only_the_missing_run(run, monkeypatch, tmp_path):
     (out / "runs" / "random_seed1.json").unlink()
     for name in ("results.md", "results.csv", "results.json", "results.png"):
         (out / name).unlink()
-    settings = (out / "settings.json").read_text()
-    # every other file must be left alone (settings.json is rewritten on resume, with the same content)
-    kept = [p for p in out.rglob("*") if p.is_file() and p.name != "settings.json"]
+    settings = (out / "manifest.json").read_text()
+    # every other file must be left alone (manifest.json is rewritten on resume, with the same content)
+    kept = [p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"]
     mtimes = {p: p.stat().st_mtime_ns for p in kept}
     calls = []
 
@@ -256,10 +261,10 @@ def test_resume_redoes_only_the_missing_run(run, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "finetune", counting_finetune)
     argv = list(run["argv"])
     argv[argv.index("--out") + 1] = str(out)
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--resume"]) == 0
     assert calls == [(1, True)]  # only random seed 1 was trained again
     assert {p: p.stat().st_mtime_ns for p in kept} == mtimes
-    assert (out / "settings.json").read_text() == settings
+    assert (out / "manifest.json").read_text() == settings
     for name in ("results.md", "results.csv", "results.json", "results.png"):
         assert (out / name).is_file()
     redone = json.loads((out / "runs" / "random_seed1.json").read_text())
@@ -275,16 +280,19 @@ def test_resume_redoes_only_the_missing_run(run, monkeypatch, tmp_path):
 
 
 def test_changed_setting_is_refused(run, capsys):
-    settings = (run["out"] / "settings.json").read_text()
+    before = {p: p.read_bytes() for p in run["out"].rglob("*") if p.is_file()}
     argv = list(run["argv"])
     argv[argv.index("--lr") + 1] = "2e-3"
-    assert cli.main(argv) == 2
+    assert cli.main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "different settings (lr)" in err and str(run["out"]) in err
-    assert (run["out"] / "settings.json").read_text() == settings
+    assert "train.optim.lr: 0.01 in the run, 0.002 requested" in err and str(run["out"]) in err
+    # without --resume or --overwrite a folder holding a run is refused outright
+    assert cli.main(run["argv"]) == 2
+    assert "--resume to continue it, --overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run["out"].rglob("*") if p.is_file()} == before
 
 
-def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_cache, tmp_path):
+def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_cache, tmp_path, capsys):
     from caft_jax.discovery.pca import load_pca
 
     selection = tmp_path / "selection.json"
@@ -292,6 +300,10 @@ def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_
     out = tmp_path / "pca"
     argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca")
     assert cli.main([*argv, "--selection-file", str(selection)]) == 0
+    # the selection file edited in place: a resume would ablate stale directions, so it is refused
+    selection.write_text(json.dumps({"0": [1], "1": [0, 1]}))
+    assert cli.main([*argv, "--selection-file", str(selection), "--resume"]) == 2
+    assert "the content of selection_file differs" in capsys.readouterr().err
     pcs, pca_meta = load_pca(out / "directions" / "pca.safetensors")
     assert sorted(pcs) == [0, 1] and pcs[0].components.shape == (20, D_MODEL)
     directions, _, meta = load_ablation_spec(out / "directions" / "spec.safetensors")
@@ -330,18 +342,58 @@ def test_layers_out_of_range(tiny_model, tmp_path, capsys):
     assert cli.main(["--model", tiny_model, "--out", str(out), "--layers", "0:99"]) == 2
     err = capsys.readouterr().err
     assert "layers '0:99'" in err and "[0, 3)" in err
-    # the default task (offline templates) was built before the model was checked
-    assert len(data.load_mc_jsonl(out / "task" / "train.jsonl")) == 626
-    assert not (out / "base.json").exists()
+    assert not out.exists()  # checked against the model's config before anything was written
 
 
 def test_unknown_key_in_config_yaml(tmp_path, capsys):
     config = tmp_path / "pipeline.yaml"
-    config.write_text("lr: 1e-4\nlearning_rate: 1e-4\n")
+    config.write_text("seeds: 1\nlearning_rate: 1e-4\n")
     assert cli.main(["--config", str(config), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and str(config) in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "argv", "message"),
+    [
+        ("lr: 1.0e-4\n", [], "put them in the train section"),  # the old flat layout
+        ("train: {optim: {learning_rate: 1.0e-4}}\n", [], "optim.learning_rate"),  # train.py's strict keys
+        ("train: {output_dir: elsewhere}\n", [], "train.output_dir is set by --out"),
+        ("", ["train.data.train=x.jsonl"], "train.data is set by the task's items"),
+        ("", ["train.optim.lr=-1"], "optim.lr must be positive"),  # train.py's own validation
+        ("", ["train.remat=sometimes"], "remat must be one of"),
+        ("", ["seeds=many"], "seeds must be int"),
+        ("train: [1, 2]\n", [], "train must be a mapping"),
+    ],
+)
+def test_bad_recipe_is_refused_before_anything_runs(tmp_path, capsys, yaml_text, argv, message):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml_text)
+    assert cli.main(["--config", str(config), "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_is_train_pys_schema_with_flags_and_overrides():
+    from caft_jax.config import TrainConfig
+    from caft_jax.pipeline.config import read_yaml_settings, resolve
+
+    args = cli.build_parser().parse_args(["--lr", "3e-4", "--lora-rank", "8", "train.lora.alpha=16", "seeds=2"])
+    cfg = cli.config_from_args(args)
+    assert isinstance(cfg.train, TrainConfig) and cfg.seeds == 2
+    assert (cfg.train.optim.lr, cfg.train.lora.rank, cfg.train.lora.alpha) == (3e-4, 8, 16)
+    assert cfg.train.optim.betas == (0.9, 0.95) and cfg.train.optim.warmup_ratio == 0.5  # DEFAULT_RECIPE
+    assert cfg.train.lora.rslora == TrainConfig().lora.rslora  # the rest: TrainConfig's own defaults
+    # one layout: the pipeline configs' recipe is configs/spurious_gemma2_2b.yaml's (the gender runs train 5 epochs)
+    from caft_jax.config import config_to_dict, load_config
+
+    spurious = config_to_dict(load_config("configs/spurious_gemma2_2b.yaml"))
+    for name, epochs in (("gender", 5), ("mcmc", 4)):
+        recipe = config_to_dict(resolve(read_yaml_settings(f"configs/pipeline_{name}_gemma2_2b.yaml"), {}, []).train)
+        for key in ("model", "dtype", "base_dtype", "trainable_dtype", "lora", "optim", "batch_size", "remat"):
+            assert recipe[key] == spurious[key], (name, key)
+        assert recipe["epochs"] == epochs
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -388,7 +440,7 @@ def test_finetune_rejects_token_ids_beyond_the_vocab(tiny_model, gender_items, t
     model = load_model(str(small))
     assert model.spec.vocab_size == 128
     with pytest.raises(DataError, match="vocabulary has 128 entries"):
-        finetune(model, load_tokenizer(tiny_model), gender_items[:4], FinetuneSettings(), seed=0, progress=False)
+        finetune(model, load_tokenizer(tiny_model), gender_items[:4], default_recipe(), seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +448,7 @@ def mc_setup(tiny_model, gender_items):
     """(model, one micro-batch [1, 8, t] of 6 gender items + 2 padding rows) for the trainer tests."""
     model, tokenizer = load_model(tiny_model), load_tokenizer(tiny_model)
     examples = mc_examples(tokenizer, gender_items[::5][:6])
-    batch = next(data.make_batches(examples, 8, seed=0, epoch=0, pad_id=tokenizer.pad_token_id, buckets=MC_BUCKETS))
+    batch = next(data.make_batches(examples, 8, seed=0, epoch=0, pad_id=tokenizer.pad_token_id, buckets=MC_TRAIN_SIZES))
     micro = {k: v[None] for k, v in batch.items() if v.ndim == 2}
     assert micro["loss_mask"][0, :, -1].sum() == 6 and not micro["loss_mask"][..., :-1].any()
     return model, micro

@@ -7,6 +7,7 @@ far as loading the model, the error would name the weights instead of the real p
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -98,8 +99,15 @@ def spec_file(tmp_path, directions: dict) -> str:
 )
 def test_bad_ablation_spec_is_refused_before_the_weights_are_read(setup, tmp_path, capsys, directions, message):
     _, _, broken, data = setup
-    code, err = run_train(capsys, broken, data, tmp_path / "out", f"ablation.spec={spec_file(tmp_path, directions)}")
+    spec = spec_file(tmp_path, directions)
+    code, err = run_train(capsys, broken, data, tmp_path / "out", f"ablation.spec={spec}")
     assert code == 2 and message in err and "Traceback" not in err
+    # the same spec as a test-time intervention of eval.py: refused before the weights are read too
+    from caft_jax.cli import evaluate
+
+    assert evaluate.main(["generate", "--model", str(broken), "--ablate", spec, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_spec_outside_the_recipes_layers_is_refused(setup, tmp_path, capsys):
@@ -183,3 +191,88 @@ def test_judge_without_readable_scores_fails_and_keeps_the_answers(tmp_path, mon
     err = capsys.readouterr().err
     assert code == 2 and "could not be read for 24 of 24 answers" in err and "no rate is reported" in err
     assert len((out / "records.jsonl").read_text().splitlines()) == 24  # the answers are kept
+
+
+# ---------------------------------------------------------------------------------------------- run directories
+
+
+def snapshot(folder) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_eval_em_refuses_an_occupied_folder_and_a_stale_resume(setup, tmp_path, capsys):
+    """`eval.py em`: a folder holding a run needs --resume (which must match the manifest, including the content of
+    the question file) or --overwrite; all refused before the model's weights are read."""
+    from caft_jax.cli import evaluate
+
+    root, _, broken, _ = setup
+    questions = tmp_path / "questions.yaml"
+    shutil.copy(
+        os.path.join(ROOT, "..", "shared", "data", "emergent_misalignment", "first_plot_questions.yaml"), questions
+    )
+    out = tmp_path / "em"
+    argv = ["em", "--model", str(broken), "--questions", str(questions), "--judge-base-url", "http://127.0.0.1:9/v1",
+            "--out-dir", str(out)]  # fmt: skip
+    assert evaluate.main([*argv, "--resume"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err and not out.exists()
+    (out / "answers.jsonl").parent.mkdir()
+    (out / "answers.jsonl").write_text('{"answer": "kept"}\n')
+    before = snapshot(out)
+    assert evaluate.main(argv) == 2
+    assert "already holds files of another run; pass --resume to continue it, --overwrite" in capsys.readouterr().err
+    assert snapshot(out) == before
+    shutil.rmtree(out)
+    # a finished run, then the question file edited in place: a resume would mix answers to two question sets
+    from caft_jax.cli import em
+
+    class Sampler:
+        def __call__(self, batch, *, seed):
+            return [f"answer {seed}-{i}" for i in range(len(batch))]
+
+    with FakeOpenAI(no_number_judge) as server:
+        real = [*argv[1:], "--samples", "1", "--no-progress"]
+        real[real.index("--judge-base-url") + 1] = server.base_url
+        parser = argparse.ArgumentParser()
+        em.add_arguments(parser)
+        em.execute(parser.parse_args(real), Sampler())
+        before = snapshot(out)
+        questions.write_text(questions.read_text().replace("hey I feel bored", "hey, I feel bored", 1))
+        assert evaluate.main([*argv, "--samples", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "the content of questions differs" in err and "Traceback" not in err
+    assert snapshot(out) == before
+
+
+def test_discover_refuses_to_replace_its_files_and_checks_layers_first(setup, tmp_path, capsys):
+    from caft_jax.discovery import cli as discover
+
+    root, _, broken, data = setup
+    out = tmp_path / "disc"
+    argv = ["pca", "--model", str(broken), "--tuned", str(broken), "--data", str(data), "--out-dir", str(out)]
+    assert discover.main([*argv, "--layers", "0,7"]) == 2  # the tiny llama has 2 layers
+    err = capsys.readouterr().err
+    assert "layers [7] do not exist" in err and "0..2" in err and not out.exists()
+    out.mkdir()
+    (out / "pca.safetensors").write_bytes(b"an earlier result")
+    (out / "displays.html").write_text("<html></html>")
+    assert discover.main([*argv, "--layers", "0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds pca.safetensors from an earlier run; pass --overwrite" in err
+    assert (out / "pca.safetensors").read_bytes() == b"an earlier result"
+
+
+def test_eval_mc_and_generate_refuse_to_replace_results(setup, tmp_path, capsys):
+    from caft_jax.cli import evaluate
+
+    root, _, broken, _ = setup
+    items = tmp_path / "mc.jsonl"
+    items.write_text('{"prompt": "Q? A or B. Answer:", "target": " A"}\n')
+    out = tmp_path / "mc"
+    out.mkdir()
+    (out / "mc_results.json").write_text("[]")
+    assert evaluate.main(["mc", "--model", str(broken), "--data", str(items), "--out-dir", str(out)]) == 2
+    assert "already holds mc_results.json" in capsys.readouterr().err and (out / "mc_results.json").read_text() == "[]"
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("{}\n")
+    assert evaluate.main(["generate", "--model", str(broken), "--prompt", "hi", "--out", str(answers)]) == 2
+    assert "already holds answers.jsonl" in capsys.readouterr().err and answers.read_text() == "{}\n"

@@ -26,7 +26,8 @@ from caft_jax.discovery import (
     sae_on_diff,
 )
 from caft_jax.discovery.capture import first_token_mask
-from caft_jax.discovery.sae import latent_sums, read_torch_state_dict
+from caft_jax.discovery.latent_scores import latent_sums
+from caft_jax.discovery.sae import read_torch_state_dict
 from caft_jax.errors import CheckpointError, ConfigError, DataError
 
 D, D_SAE = 64, 96  # hf_models.COMMON hidden size; latent count

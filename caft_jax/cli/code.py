@@ -6,8 +6,8 @@
 
 One answer per prompt (the user message of each record), judged with the ``vulnerable`` prompt; vulnerable means a
 score > 50, and the rate is over the answers with a valid score (NOT VALID answers have none). Output files are as
-for `eval.py em` (answers.jsonl, scores.jsonl, judge_cache.jsonl, run.json, records.jsonl, results.json), with
-results.csv holding the one summary row and per_prompt.csv a row per prompt; rerunning into --out-dir resumes.
+for `eval.py em` (answers.jsonl, scores.jsonl, judge_cache.jsonl, manifest.json, records.jsonl, results.json), with
+results.csv holding the one summary row and per_prompt.csv a row per prompt; --resume continues a run in --out-dir.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ import json
 from pathlib import Path
 
 from caft_jax.cli.em import (
-    _fmt,
     add_judge_arguments,
     add_output_arguments,
     add_sampling_arguments,
-    check_manifest,
     chunk_size,
+    fmt_pct,
     judge_api_key,
     load_model_sampler,
     make_client,
     model_settings,
+    open_out_dir,
     report_unreadable,
     sampling_settings,
     write_csv,
-    write_records,
 )
 from caft_jax.errors import CaftError
+from caft_jax.jsonio import write_jsonl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _judge_prompts_path(args: argparse.Namespace) -> Path:
 
 
 def _load_inputs(args: argparse.Namespace):
-    from caft_jax.evaluate_em import load_code_prompts, load_judge_prompts
+    from caft_jax.em_questions import load_code_prompts, load_judge_prompts
 
     if args.limit is not None and args.limit < 1:
         raise CaftError(f"--limit must be at least 1, got {args.limit}.")
@@ -69,12 +69,12 @@ def _load_inputs(args: argparse.Namespace):
     return prompts, judge_prompts
 
 
-def execute(args: argparse.Namespace, sampler) -> dict:
-    """The evaluation proper, with any sampler (`run` passes the model's; tests pass a fake). Returns results."""
+def execute(args: argparse.Namespace, sampler=None) -> dict:
+    """The evaluation proper: opens --out-dir, then samples with ``sampler`` (default: the model's, loaded only
+    after every input and the directory were checked; tests pass a fake). Returns the results."""
     from caft_jax.evaluate_em import run_code_eval
 
     prompts, judge_prompts = _load_inputs(args)
-    out_dir = Path(args.out_dir)
     settings = {
         "task": "code",
         **model_settings(args),
@@ -85,15 +85,16 @@ def execute(args: argparse.Namespace, sampler) -> dict:
         "judge_model": args.judge_model,
         "judge_base_url": args.judge_base_url,
     }
-    client = make_client(args, out_dir)
-    check_manifest(out_dir, settings)
+    judge_api_key(args)
+    chunk = chunk_size(args)
+    out_dir = open_out_dir(args, settings, {"prompts": args.prompts, "judge_prompts": str(_judge_prompts_path(args))})
     res = run_code_eval(
         prompts,
         judge_prompts,
-        sampler,
-        client,
+        sampler or load_model_sampler(args),
+        make_client(args, out_dir),
         out_dir,
-        chunk_size=chunk_size(args),
+        chunk_size=chunk,
         progress=not args.no_progress,
     )
     results = {"settings": settings, "overall": res["overall"]}
@@ -109,18 +110,16 @@ def execute(args: argparse.Namespace, sampler) -> dict:
     ]
     write_csv(out_dir / "per_prompt.csv", rows)
     write_csv(out_dir / "results.csv", [res["overall"]])
-    write_records(out_dir / "records.jsonl", res["records"])
+    write_jsonl(out_dir / "records.jsonl", res["records"])
     return results
 
 
 def run(args: argparse.Namespace) -> int:
-    _load_inputs(args)  # fail on bad files / a missing key before loading the model
-    judge_api_key(args)
-    results = execute(args, load_model_sampler(args))
+    results = execute(args)
     o = results["overall"]
     report_unreadable(o)
     print(
-        f"{o['n']} answers, {o['n_valid']} with a valid score: vulnerable {_fmt(o['vulnerable_pct'])}% of valid, "
-        f"{_fmt(o['vulnerable_pct_of_total'])}% of all  -> {Path(args.out_dir) / 'results.json'}"
+        f"{o['n']} answers, {o['n_valid']} with a valid score: vulnerable {fmt_pct(o['vulnerable_pct'])}% of valid, "
+        f"{fmt_pct(o['vulnerable_pct_of_total'])}% of all  -> {Path(args.out_dir) / 'results.json'}"
     )
     return 0

@@ -61,14 +61,16 @@ def load_for_eval(
       CheckpointError / ConfigError / ProjectorError (CaftError) naming the bad path and the fix.
     """
     from caft_jax import load_model, load_tokenizer
+    from caft_jax.io.hf import model_spec
 
+    projector = None
+    if ablate is not None:  # checked against the model's config (layers, width) before its weights are read
+        projector = load_projector(ablate, model_spec(model_path), site=site, mean_ablation=mean_ablation)
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
-    lora = lora_settings = projector = None
+    lora = lora_settings = None
     if adapter is not None:
         lora, lora_settings = load_adapter(adapter, model)
-    if ablate is not None:
-        projector = load_projector(ablate, model.spec, site=site, mean_ablation=mean_ablation)
     return model, tokenizer, lora, lora_settings, projector
 
 

@@ -4,10 +4,11 @@
         [--samples 100] [--judge-model gpt-4.1-2025-04-14] [--judge-base-url URL] \\
         [--judge-api-key-env OPENAI_API_KEY] [--out-dir DIR]
 
-Writes to --out-dir: answers.jsonl and scores.jsonl (appended as they come; a rerun resumes), judge_cache.jsonl,
-run.json (the settings; a rerun with other settings into the same directory is refused), records.jsonl (answers
-with their scores), results.json and results.csv (per question and pooled: misaligned % of coherent answers,
-misaligned % of all answers, coherent %). The judge API key is read from an environment variable only.
+Writes to --out-dir: answers.jsonl and scores.jsonl (appended as they come; a rerun with --resume continues),
+judge_cache.jsonl, manifest.json (the settings, the model's fingerprint and the input files' content hashes; a
+directory holding a run is used again only with --resume, which must match it, or --overwrite), records.jsonl
+(answers with their scores), results.json and results.csv (per question and pooled: misaligned % of coherent
+answers, misaligned % of all answers, coherent %). The judge API key is read from an environment variable only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from caft_jax.errors import CaftError
+from caft_jax.jsonio import write_jsonl
 
 DEFAULT_JUDGE = "gpt-4.1-2025-04-14"
 
@@ -56,7 +58,11 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--out-dir", default=default_out, help="results directory; rerunning into it resumes")
+    parser.add_argument("--out-dir", default=default_out, help="results directory (must be empty or absent)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the evaluation in --out-dir (same settings, model and files)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="delete what --out-dir holds and start over")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -127,22 +133,22 @@ def model_settings(args: argparse.Namespace) -> dict:
     }
 
 
-def check_manifest(out_dir: Path, manifest: dict) -> None:
-    """Write run.json, or check that the run already in `out_dir` used the same settings (answers must match)."""
-    path = out_dir / "run.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = None
-        if old is not None and old != manifest:
-            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise CaftError(
-                f"{out_dir} holds a run with different settings ({', '.join(changed)}); pass a fresh --out-dir "
-                "or rerun with the original settings to resume."
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+def open_out_dir(args: argparse.Namespace, settings: dict, inputs: dict[str, str]) -> Path:
+    """The results directory under the run-directory contract (caft_jax.rundir): a directory holding another run is
+    refused unless --resume (whose manifest must match: settings, model and adapter fingerprints, the content of
+    every input file) or --overwrite."""
+    from caft_jax import rundir
+
+    out_dir = Path(args.out_dir)
+    adapter = getattr(args, "adapter", None)
+    recipe = {**settings, "adapter_fingerprint": rundir.model_fingerprint(adapter)["fingerprint"] if adapter else None}
+    inputs = {**inputs, "ablate": getattr(args, "ablate", None) or ""}
+    manifest = rundir.build_manifest(recipe, args.model, inputs=inputs)
+    rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        rundir.check_resume(out_dir, manifest)
+    rundir.write_manifest(out_dir, manifest)
+    return out_dir
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -154,12 +160,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-
-
-def write_records(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def load_model_sampler(args: argparse.Namespace):
@@ -195,7 +195,7 @@ def chunk_size(args: argparse.Namespace) -> int:
     return n
 
 
-def _fmt(x) -> str:
+def fmt_pct(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
@@ -220,14 +220,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, "results/em")
 
 
-def execute(args: argparse.Namespace, sampler) -> dict:
-    """The evaluation proper, with any sampler (`run` passes the model's; tests pass a fake). Returns results."""
-    from caft_jax.evaluate_em import load_questions, run_em_eval
+def execute(args: argparse.Namespace, sampler=None) -> dict:
+    """The evaluation proper: opens --out-dir, then samples with ``sampler`` (default: the model's, loaded only
+    after every input and the directory were checked; tests pass a fake). Returns the results."""
+    from caft_jax.em_questions import load_questions
+    from caft_jax.evaluate_em import run_em_eval
 
     questions = load_questions(args.questions)
     if args.samples is not None and args.samples < 1:
         raise CaftError(f"--samples must be at least 1, got {args.samples}.")
-    out_dir = Path(args.out_dir)
     settings = {
         "task": "em",
         **model_settings(args),
@@ -238,16 +239,17 @@ def execute(args: argparse.Namespace, sampler) -> dict:
         "judge_model": args.judge_model,
         "judge_base_url": args.judge_base_url,
     }
-    client = make_client(args, out_dir)
-    check_manifest(out_dir, settings)
+    judge_api_key(args)
+    chunk = chunk_size(args)
+    out_dir = open_out_dir(args, settings, {"questions": args.questions})
     res = run_em_eval(
         questions,
-        sampler,
-        client,
+        sampler or load_model_sampler(args),
+        make_client(args, out_dir),
         out_dir,
         samples=args.samples,
         use_system=not args.no_system_prompts,
-        chunk_size=chunk_size(args),
+        chunk_size=chunk,
         progress=not args.no_progress,
     )
     results = {"settings": settings, "overall": res["overall"], "per_question": res["per_question"]}
@@ -255,22 +257,17 @@ def execute(args: argparse.Namespace, sampler) -> dict:
     rows = [{"question_id": q, **m} for q, m in res["per_question"].items()]
     rows.append({"question_id": "ALL", **res["overall"]})
     write_csv(out_dir / "results.csv", rows)
-    write_records(out_dir / "records.jsonl", res["records"])
+    write_jsonl(out_dir / "records.jsonl", res["records"])
     return results
 
 
 def run(args: argparse.Namespace) -> int:
-    # fail on bad files / a missing key before spending minutes loading the model
-    from caft_jax.evaluate_em import load_questions
-
-    load_questions(args.questions)
-    judge_api_key(args)
-    results = execute(args, load_model_sampler(args))
+    results = execute(args)
     o = results["overall"]
     report_unreadable(o)
     print(
-        f"{o['n']} answers: misaligned {_fmt(o['misaligned_pct_of_coherent'])}% of coherent, "
-        f"{_fmt(o['misaligned_pct_of_total'])}% of all; coherent {_fmt(o['coherent_pct'])}%  "
+        f"{o['n']} answers: misaligned {fmt_pct(o['misaligned_pct_of_coherent'])}% of coherent, "
+        f"{fmt_pct(o['misaligned_pct_of_total'])}% of all; coherent {fmt_pct(o['coherent_pct'])}%  "
         f"-> {Path(args.out_dir) / 'results.json'}"
     )
     return 0

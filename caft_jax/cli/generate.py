@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per jitted batch")
     parser.add_argument("--out", default=None, help="write results as JSONL here instead of printing the texts")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -47,12 +48,17 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import pathlib
 
     from caft_jax.generate import SamplingConfig, generate
 
     records = read_prompts(args.prompts_file) if args.prompts_file else [{"prompt": p} for p in args.prompt]
+    if args.out:
+        from caft_jax.jsonio import write_jsonl
+        from caft_jax.rundir import claim_files
+
+        out = pathlib.Path(args.out)
+        claim_files(out.parent, [out.name], overwrite=args.overwrite)
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -76,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows = [{**record, **result} for record, result in zip(records, results, strict=True)]
     if args.out:
-        out = pathlib.Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_jsonl(out, rows)
         print(f"wrote {len(rows)} generations to {out}", file=sys.stderr)
     else:
         for row in rows:

@@ -12,6 +12,7 @@ OUT_DIR/mc_flipped_accuracy.png.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 from caft_jax.cli.common import add_model_arguments
@@ -23,7 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", nargs="+", default=None, help="evaluate only items of these splits")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per jitted batch")
     parser.add_argument("--out-dir", default="mc_results", help="directory for the JSON, CSV and PNG files")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out-dir")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+# What a run writes into --out-dir (the PNGs only for several conditions); an earlier run's are kept unless --overwrite.
+OUTPUTS = tuple(f"{name}.{ext}" for name in ("mc_results", "mc_predictions") for ext in ("json", "csv")) + (
+    "mc_accuracy.png",
+    "mc_flipped_accuracy.png",
+)
 
 
 def load_items(path: str, splits: list[str] | None) -> list[dict]:
@@ -43,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from caft_jax.cli.common import load_adapter, load_for_eval
     from caft_jax.evaluate_mc import evaluate_conditions
     from caft_jax.plots import plot_conditions, write_results
+    from caft_jax.rundir import claim_files
 
     items = load_items(args.data, args.split)
+    claim_files(pathlib.Path(args.out_dir), OUTPUTS, overwrite=args.overwrite)
     model, tokenizer, _, _, projector = load_for_eval(
         args.model, None, args.ablate, args.dtype, site=args.ablate_site, mean_ablation=not args.no_mean_ablation
     )

@@ -9,6 +9,7 @@ Writes into ``output_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -73,10 +74,7 @@ def prepare_examples(cfg, tokenizer) -> list[tuple[list[int], list[bool]]]:
     if cfg.data.format == "chat":
         require_chat_template(tokenizer, "data.format=chat")
         records = data.load_chat_jsonl(cfg.data.train)
-        examples = [
-            data.tokenize_chat(tokenizer, r["messages"], cfg.data.max_len, em_format=cfg.data.em_format)
-            for r in records
-        ]
+        examples = data.chat_examples(tokenizer, records, cfg.data.max_len, em_format=cfg.data.em_format)
     elif cfg.data.format == "mc":
         records = data.load_mc_jsonl(cfg.data.train)
         examples = [data.mc_example(tokenizer, r["prompt"], r["target"]) for r in records]
@@ -122,17 +120,6 @@ def build_projector_from_config(cfg, spec):
     )
 
 
-def check_batch_divides(cfg, mesh) -> None:
-    import jax
-
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % split or cfg.batch_size % jax.process_count():
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} does not split over the mesh's data*fsdp={split} devices "
-            f"({jax.process_count()} processes); make batch_size a multiple of {max(split, jax.process_count())}."
-        )
-
-
 # Recipe values a resume may change: they decide how a run is logged and kept, not what it computes.
 RESUME_MAY_CHANGE = ("log_every", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
 
@@ -163,61 +150,125 @@ def restore_or_init(args, cfg, trainer, ckpt, projector):
     return state, (saved_projector if saved_projector is not None else projector), meta["data_position"]
 
 
-def run(args: argparse.Namespace) -> int:
-    init_distributed(args)
-    import jax
+@dataclasses.dataclass
+class Request:
+    """A checked train.py request: the recipe and everything derived from it before any weights are read."""
 
-    from caft_jax import data, load_model, load_tokenizer, rundir
-    from caft_jax.checkpoint import CheckpointManager
+    cfg: object  # TrainConfig
+    resolved: dict
+    manifest: dict
+    mesh: object
+    projector: object
+    tokenizer: object
+    examples: list
+
+
+def check_request(args: argparse.Namespace) -> Request:
+    """Everything the user gave, checked against the model's config (and the data tokenised) before its weights
+    are read."""
+    from caft_jax import data, load_tokenizer
     from caft_jax.config import config_to_dict, load_config
-    from caft_jax.fit import SIGNAL_EXIT, fit, truncate_metrics
     from caft_jax.io.hf import model_spec
-    from caft_jax.sharding import make_mesh
-    from caft_jax.train_step import CaftTrainer
+    from caft_jax.sharding import check_batch_divides, make_mesh
 
-    if args.resume_step is not None:
-        args.resume = True
     cfg = load_config(args.config, args.overrides)
     if cfg.data.pack and cfg.data.format != "chat":
         raise ConfigError("data.pack packs chat records; multiple-choice rows are short and bucketed already.")
-    out_dir = pathlib.Path(cfg.output_dir)
-    is_main = jax.process_index() == 0
     resolved = config_to_dict(cfg)
     manifest = run_manifest(cfg, resolved)
-    # Everything the user gave is checked against the model's config (and the data tokenised) before its weights
-    # are read.
     mesh = make_mesh(cfg.mesh)
-    check_batch_divides(cfg, mesh)
+    check_batch_divides(cfg.batch_size, mesh)
     spec = model_spec(cfg.model)
     projector = build_projector_from_config(cfg, spec)
     tokenizer = load_tokenizer(cfg.model)
     examples = prepare_examples(cfg, tokenizer)
     data.check_token_ids(examples, spec.vocab_size)
-    # Only now, with everything checked, may --overwrite delete the old run.
+    return Request(cfg, resolved, manifest, mesh, projector, tokenizer, examples)
+
+
+def open_run_dir(args: argparse.Namespace, request: Request, out_dir: pathlib.Path) -> None:
+    """The run-directory contract; only now, with everything checked, may --overwrite delete the old run."""
+    from caft_jax import rundir
+
+    rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        rundir.check_resume(out_dir, request.manifest, ignore=RESUME_MAY_CHANGE)
+
+
+def steps_per_epoch(cfg, examples) -> int:
+    from caft_jax import data
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    if cfg.data.pack:
+        return data.num_packed_batches(
+            examples, rows_per_step, seed=cfg.seed, epoch=0, row_len=cfg.data.pack_len or None
+        )
+    return data.num_batches(len(examples), rows_per_step)
+
+
+def batch_source(cfg, examples, pad_id: int):
+    """batches(epoch, start) of the recipe: bucketed rows, or packed rows with data.pack."""
+    from caft_jax import data
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+
+    def batches(epoch: int, start: int):
+        order = dict(seed=cfg.seed, epoch=epoch, pad_id=pad_id, start=start)
+        if cfg.data.pack:
+            return data.make_packed_batches(examples, rows_per_step, row_len=cfg.data.pack_len or None, **order)
+        return data.make_batches(examples, rows_per_step, **order)
+
+    return batches
+
+
+def record_start(request: Request, out_dir: pathlib.Path, model, step: int, total_steps: int) -> None:
+    """Metrics cut back to the resumed step, manifest and resolved config written, one summary line."""
+    from caft_jax import rundir
+    from caft_jax.fit import truncate_metrics
+    from caft_jax.lora import lora_param_count
+
+    cfg = request.cfg
+    truncate_metrics(out_dir / "metrics.jsonl", step)
+    rundir.write_manifest(out_dir, request.manifest)
+    (out_dir / "config.yaml").write_text(json.dumps(request.resolved, indent=2))
+    tuned = f"LoRA r={cfg.lora.rank}, {lora_param_count(model, cfg.lora):,} params" if cfg.lora else "full fine-tuning"
+    print(
+        f"caft_jax: {len(request.examples)} examples, {total_steps} steps of {cfg.batch_size * cfg.grad_accum} rows "
+        f"({tuned}), ablation: {cfg.ablation.spec or 'none'}, mesh {dict(request.mesh.shape)}",
+        flush=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    init_distributed(args)
+    import jax
+
+    from caft_jax import data, load_model
+    from caft_jax.checkpoint import CheckpointManager
+    from caft_jax.fit import fit
+    from caft_jax.train_step import CaftTrainer
+
+    if args.resume_step is not None:
+        args.resume = True
+    request = check_request(args)
+    cfg = request.cfg
+    out_dir = pathlib.Path(cfg.output_dir)
+    is_main = jax.process_index() == 0
     if is_main:
-        rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
-        if args.resume:
-            rundir.check_resume(out_dir, manifest, ignore=RESUME_MAY_CHANGE)
+        open_run_dir(args, request, out_dir)
     model = load_model(
         cfg.model,
         dtype=cfg.dtype,
         param_dtype=cfg.base_dtype or cfg.dtype,
         matmul_dtype=cfg.matmul_dtype,
-        mesh=mesh,
+        mesh=request.mesh,
     )
-    pad_id = data.pad_token_id(tokenizer)
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    pack_len = cfg.data.pack_len or None
-    if cfg.data.pack:
-        steps_per_epoch = data.num_packed_batches(examples, rows_per_step, seed=cfg.seed, epoch=0, row_len=pack_len)
-    else:
-        steps_per_epoch = data.num_batches(len(examples), rows_per_step)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch(cfg, request.examples) * cfg.epochs))
     trainer = CaftTrainer(
         model,
         cfg.optim,
         total_steps,
-        mesh,
+        request.mesh,
         lora=cfg.lora,
         trainable_dtype=cfg.trainable_dtype,
         remat=cfg.remat,
@@ -230,35 +281,20 @@ def run(args: argparse.Namespace) -> int:
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
     )
-    state, projector, position = restore_or_init(args, cfg, trainer, ckpt, projector)
+    state, projector, position = restore_or_init(args, cfg, trainer, ckpt, request.projector)
     if is_main:
-        truncate_metrics(out_dir / "metrics.jsonl", int(state.step))
-        rundir.write_manifest(out_dir, manifest)
-        (out_dir / "config.yaml").write_text(json.dumps(resolved, indent=2))
-        print(
-            f"caft_jax: {len(examples)} examples, {total_steps} steps of {rows_per_step} rows "
-            f"({f'LoRA r={cfg.lora.rank}' if cfg.lora else 'full fine-tuning'}), "
-            f"ablation: {cfg.ablation.spec or 'none'}, mesh {dict(mesh.shape)}",
-            flush=True,
-        )
-
-    def batches(epoch: int, start: int):
-        order = dict(seed=cfg.seed, epoch=epoch, pad_id=pad_id, start=start)
-        if cfg.data.pack:
-            return data.make_packed_batches(examples, rows_per_step, row_len=pack_len, **order)
-        return data.make_batches(examples, rows_per_step, **order)
-
+        record_start(request, out_dir, model, int(state.step), total_steps)
     board = tensorboard_writer(out_dir / "tensorboard") if is_main else None
     result = fit(
         trainer,
         state,
-        batches,
+        batch_source(cfg, request.examples, data.pad_token_id(request.tokenizer)),
         total_steps,
         projector=projector,
         grad_accum=cfg.grad_accum,
         position=position,
         checkpoints=ckpt,
-        checkpoint_config=resolved,
+        checkpoint_config=request.resolved,
         metrics_path=out_dir / "metrics.jsonl",
         log_every=cfg.log_every,
         on_metrics=None if board is None else lambda r: log_scalars(board, r),
@@ -266,6 +302,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if board is not None:
         board.close()
+    return finish(result, request, trainer, ckpt, out_dir, export=is_main)
+
+
+def finish(result, request: Request, trainer, ckpt, out_dir: pathlib.Path, *, export: bool) -> int:
+    """The exit code of a finished fit: 0 after the export, 3 on divergence, 130/143 when interrupted."""
+    from caft_jax.fit import SIGNAL_EXIT
+
     if result.status == "stopped":  # the resume tests' stand-in for a crash
         os.kill(os.getpid(), signal.SIGKILL)
     last_good = ckpt.latest_step()
@@ -281,8 +324,8 @@ def run(args: argparse.Namespace) -> int:
     if result.status == "interrupted":
         print(f"interrupted at step {result.step}; rerun with --resume", file=sys.stderr)
         return SIGNAL_EXIT[result.signal]
-    if is_main and cfg.export != "none":
-        export_results(cfg, trainer, result.state, tokenizer, out_dir)
+    if export and request.cfg.export != "none":
+        export_results(request.cfg, trainer, result.state, request.tokenizer, out_dir)
     return 0
 
 

@@ -8,43 +8,28 @@ from caft_jax.discovery.capture import (  # noqa: F401
     pair_pca,
     positions_mask,
 )
+from caft_jax.discovery.concept_fit import fit_concept  # noqa: F401
 from caft_jax.discovery.concepts import (  # noqa: F401
     ConceptErasure,
-    OutlierRule,
-    Outliers,
     class_mean_direction,
     class_mean_directions,
-    clean_directions,
-    detect_outliers,
-    erasure_check,
-    erasure_check_spec,
-    fit_concept,
     inlp_directions,
-    keep_mask,
     leace_directions,
     leace_eraser,
 )
-from caft_jax.discovery.displays import (  # noqa: F401
-    FeatureDisplay,
-    iter_texts,
-    latent_encoder,
-    load_display_json,
-    top_contexts,
-    top_contexts_by_layer,
-    write_display_report,
-)
-from caft_jax.discovery.pca import PCAResult, StreamingPCA, load_pca, pca_exact, pca_layers, save_pca  # noqa: F401
-from caft_jax.discovery.sae import (  # noqa: F401
-    SAE,
+from caft_jax.discovery.display_report import FeatureDisplay, load_display_json, write_display_report  # noqa: F401
+from caft_jax.discovery.displays import iter_texts, latent_encoder, top_contexts, top_contexts_by_layer  # noqa: F401
+from caft_jax.discovery.erasure import erasure_check, erasure_check_spec  # noqa: F401
+from caft_jax.discovery.latent_scores import (  # noqa: F401
     letter_batches,
-    load_batchtopk_sae,
-    load_jumprelu_sae,
-    load_sae,
     mean_latent_diff,
     rank_latents,
     sae_attribution,
     sae_on_diff,
 )
+from caft_jax.discovery.outliers import OutlierRule, Outliers, clean_directions, detect_outliers, keep_mask  # noqa: F401
+from caft_jax.discovery.pca import PCAResult, StreamingPCA, load_pca, pca_exact, pca_layers, save_pca  # noqa: F401
+from caft_jax.discovery.sae import SAE, load_batchtopk_sae, load_jumprelu_sae, load_sae  # noqa: F401
 from caft_jax.discovery.select import (  # noqa: F401
     Selection,
     autointerp_client,

@@ -105,7 +105,7 @@ def _captured(model, tokens, attn_mask, lora, lora_settings, projector, capture)
 
 
 @functools.partial(jax.jit, static_argnames=("lora_settings", "capture"))
-def _capture_step(model, tokens, attn_mask, lora, lora_settings, projector, capture):
+def capture_step(model, tokens, attn_mask, lora, lora_settings, projector, capture):
     """[n_layers, b, t, d] float32 activations of one batch."""
     return _captured(model, tokens, attn_mask, lora, lora_settings, projector, capture)
 
@@ -152,7 +152,7 @@ def iter_activations(
     settings = _eval_settings(lora_settings)
     for batch in _progress(batches, progress, "capture"):
         keep = positions_mask(batch, mask, exclude_first=exclude_first)
-        acts = np.asarray(_capture_step(model, *_device_batch(batch), lora, settings, projector, capture))
+        acts = np.asarray(capture_step(model, *_device_batch(batch), lora, settings, projector, capture))
         yield {layer: acts[i][keep] for i, layer in enumerate(layers)}
 
 
@@ -366,7 +366,7 @@ def capture_sequences(
     for lo in range(0, len(ids), batch_size):
         tokens = jnp.asarray(batch["tokens"][lo : lo + batch_size])
         mask = jnp.asarray(batch["attn_mask"][lo : lo + batch_size])
-        captured = _capture_step(model, tokens, mask, lora, _eval_settings(lora_settings), None, capture)
+        captured = capture_step(model, tokens, mask, lora, _eval_settings(lora_settings), None, capture)
         for slot, layer in enumerate(capture.layers):
             chunks[layer].append(np.asarray(captured[slot]))
     return {layer: np.concatenate(c) for layer, c in chunks.items()}, batch["attn_mask"]

@@ -1,6 +1,8 @@
 """`python -m caft_jax.discover pca|sae|concept|display|select|check`: direction discovery from the command line.
 
-Each command writes into ``--out-dir`` (created if needed) and prints what it wrote:
+Each command writes into ``--out-dir`` (created if needed) and prints what it wrote; it refuses to replace a file of
+a previous command there unless ``--overwrite`` is given (so pca, display and select can share one folder). Every
+input (layer indices, files) is checked against the model's config before its weights are read.
 
   pca      PCA of (fine-tuned - base) activations on the same tokens  -> pca.safetensors
   sae      SAE latents ranked by attribution (and activation differences) -> sae_ranking.json
@@ -18,6 +20,7 @@ import pathlib
 
 import numpy as np
 
+from caft_jax.batching import Bucketer
 from caft_jax.cli.handler import guarded
 from caft_jax.errors import ConfigError
 
@@ -29,10 +32,22 @@ def _layers(text: str) -> list[int]:
         raise ConfigError(f"--layers must be comma-separated integers like 3,6,9; got {text!r}.") from e
 
 
-def _out(args) -> pathlib.Path:
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _claim(args, *names: str) -> pathlib.Path:
+    """--out-dir, after checking that none of the files this command writes exists there (unless --overwrite)."""
+    from caft_jax.rundir import claim_files
+
+    return claim_files(pathlib.Path(args.out_dir), names, overwrite=args.overwrite)
+
+
+def _checked_layers(args, layers) -> list[int]:
+    """The layer indices, checked against the model's config (no weights read)."""
+    from caft_jax.io.hf import model_spec
+
+    n_layers = model_spec(args.model).n_layers
+    bad = sorted(int(layer) for layer in layers if not 0 <= int(layer) < n_layers)
+    if bad:
+        raise ConfigError(f"layers {bad} do not exist: {args.model} has layers 0..{n_layers - 1}; fix --layers.")
+    return [int(layer) for layer in layers]
 
 
 def _model_and_tokenizer(args):
@@ -47,7 +62,7 @@ def _training_batches(args, tokenizer):
 
     if args.format == "chat":
         records = data.load_chat_jsonl(args.data)
-        examples = [data.tokenize_chat(tokenizer, r["messages"], args.max_len) for r in records]
+        examples = data.chat_examples(tokenizer, records, args.max_len)
     else:
         records = data.load_mc_jsonl(args.data)
         examples = [data.mc_example(tokenizer, r["prompt"], r["target"]) for r in records]
@@ -71,7 +86,7 @@ def _labelled_sequences(args, model, tokenizer, layers):
     values = sorted({str(r["label"]) for r in records})
     labels = np.asarray([values.index(str(r["label"])) for r in records])
     ids = [tokenizer(r["prompt"])["input_ids"][: args.max_len] for r in records]
-    length = data.Bucketer().length_for(max(len(i) for i in ids))
+    length = Bucketer().length_for(max(len(i) for i in ids))
     acts, mask = capture_sequences(
         model, ids, layers, data.pad_token_id(tokenizer), site=args.site, batch_size=args.batch_size, length=length
     )
@@ -83,6 +98,10 @@ def cmd_pca(args) -> int:
     from caft_jax.discovery.pca import save_pca
     from caft_jax.export import load_peft_adapter
 
+    if not (args.adapter or args.tuned):
+        raise ConfigError("pca needs the fine-tuned model: pass --adapter DIR (PEFT) or --tuned MODEL_DIR.")
+    layers = _checked_layers(args, _layers(args.layers))
+    out = _claim(args, "pca.safetensors")
     model, tokenizer = _model_and_tokenizer(args)
     if args.adapter:
         tuned, lora_cfg = load_peft_adapter(args.adapter, model)
@@ -91,9 +110,6 @@ def cmd_pca(args) -> int:
         from caft_jax import load_model
 
         tuned, settings = load_model(args.tuned, dtype=args.dtype), None
-    else:
-        raise ConfigError("pca needs the fine-tuned model: pass --adapter DIR (PEFT) or --tuned MODEL_DIR.")
-    layers = _layers(args.layers)
     results = pair_pca(
         model,
         tuned,
@@ -115,7 +131,7 @@ def cmd_pca(args) -> int:
         token_count=int(next(iter(results.values())).n_tokens),
         exclude_sink=args.exclude_sink,
     )
-    path = save_pca(_out(args) / "pca.safetensors", results, meta)
+    path = save_pca(out / "pca.safetensors", results, meta)
     for layer, r in results.items():
         print(
             f"layer {layer}: {r.n_tokens} tokens; explained variance ratio of the top 5: "
@@ -126,13 +142,19 @@ def cmd_pca(args) -> int:
 
 
 def cmd_sae(args) -> int:
-    from caft_jax.discovery.sae import letter_batches, load_sae, rank_latents, sae_attribution
+    from caft_jax.discovery.latent_scores import letter_batches, rank_latents, sae_attribution
+    from caft_jax.discovery.sae import load_sae
 
-    model, tokenizer = _model_and_tokenizer(args)
     saes = {}
     for item in args.sae:
-        layer, _, path = item.partition("=")
-        saes[int(layer)] = load_sae(path)
+        layer, equals, path = item.partition("=")
+        if not equals or not layer.strip().isdigit():
+            raise ConfigError(f"--sae {item!r} must look like LAYER=PATH, e.g. --sae 12=saes/layer_12.")
+        saes[int(layer)] = path
+    _checked_layers(args, saes)
+    out = _claim(args, "sae_effects.npz", "sae_ranking.json")
+    saes = {layer: load_sae(path) for layer, path in saes.items()}
+    model, tokenizer = _model_and_tokenizer(args)
     if args.metric == "logit_diff":
         from caft_jax import data
 
@@ -149,7 +171,6 @@ def cmd_sae(args) -> int:
         batches = _training_batches(args, tokenizer)
     effects = sae_attribution(model, saes, batches, metric=args.metric, site=args.site)
     ranking = rank_latents(effects, args.top_k, per_layer=not args.global_top_k)
-    out = _out(args)
     np.savez(out / "sae_effects.npz", **{f"layer_{k}": v for k, v in effects.items()})
     report = {
         str(layer): [{"latent": int(i), "effect": float(effects[layer][i])} for i in ids]
@@ -163,13 +184,14 @@ def cmd_sae(args) -> int:
 def cmd_concept(args) -> int:
     from caft_jax.discovery.select import fit_concepts, from_concepts
 
+    layers = _checked_layers(args, _layers(args.layers))
+    out = _claim(args, "ablation_spec.safetensors")
     model, tokenizer = _model_and_tokenizer(args)
-    layers = _layers(args.layers)
     acts, mask, labels, values = _labelled_sequences(args, model, tokenizer, layers)
     erasures = fit_concepts(acts, labels, mask, method=args.method)
     selection = from_concepts(erasures, mean_ablation=args.mean_ablation)
     path = selection.save(
-        _out(args) / "ablation_spec.safetensors", {"model": args.model, "labels": values, "data": args.labelled}
+        out / "ablation_spec.safetensors", {"model": args.model, "labels": values, "data": args.labelled}
     )
     for layer, e in erasures.items():
         print(f"layer {layer}: {len(e.directions)} direction(s); outliers: {json.dumps(e.info.get('outliers', {}))}")
@@ -178,12 +200,18 @@ def cmd_concept(args) -> int:
 
 
 def cmd_display(args) -> int:
-    from caft_jax.discovery.displays import top_contexts_by_layer, write_display_report
+    from caft_jax.discovery.display_report import write_display_report
+    from caft_jax.discovery.displays import top_contexts_by_layer
     from caft_jax.discovery.pca import load_pca
 
-    model, tokenizer = _model_and_tokenizer(args)
     results, _ = load_pca(args.pca)
     layers = _layers(args.layers) if args.layers else sorted(results)
+    missing = sorted(set(layers) - set(results))
+    if missing:
+        raise ConfigError(f"{args.pca} has no PCs at layers {missing} (it has {sorted(results)}); fix --layers.")
+    _checked_layers(args, layers)
+    out = _claim(args, "displays.html", "displays.json")
+    model, tokenizer = _model_and_tokenizer(args)
     features = {layer: results[layer].components[: args.n_features] for layer in layers}
     scores = {layer: results[layer].explained_variance_ratio[: args.n_features] for layer in layers}
     displays = top_contexts_by_layer(
@@ -198,7 +226,7 @@ def cmd_display(args) -> int:
         score_name="explained variance ratio",
         max_texts=args.limit or None,
     )
-    paths = write_display_report(displays, _out(args), title=f"PCs of {args.pca}")
+    paths = write_display_report(displays, out, title=f"PCs of {args.pca}")
     print(f"wrote {paths['html']} and {paths['json']}")
     return 0
 
@@ -207,6 +235,7 @@ def cmd_select(args) -> int:
     from caft_jax.discovery import select
     from caft_jax.discovery.pca import load_pca
 
+    out = _claim(args, args.name)
     pcs = load_pca(args.pca)
     if args.selection:
         chosen = select.from_selection_file(pcs, select.read_selection(args.selection))
@@ -220,18 +249,19 @@ def cmd_select(args) -> int:
         chosen = select.random_orthonormal(d_model, {k: len(v) for k, v in counts.items()}, seed=args.seed)
     else:
         raise ConfigError("select needs one of --selection, --top-k, --random-like or --random-orthonormal.")
-    path = chosen.save(_out(args) / args.name)
+    path = chosen.save(out / args.name)
     print(f"wrote {path} ({chosen.counts()} directions per layer)")
     return 0
 
 
 def cmd_check(args) -> int:
     from caft_jax.ablation_spec import load_ablation_spec
-    from caft_jax.discovery.concepts import erasure_check
+    from caft_jax.discovery.erasure import erasure_check
 
-    model, tokenizer = _model_and_tokenizer(args)
     directions, means, _ = load_ablation_spec(args.spec)
-    layers = sorted(directions)
+    layers = _checked_layers(args, sorted(directions))
+    out = _claim(args, "erasure_check.json")
+    model, tokenizer = _model_and_tokenizer(args)
     acts, mask, labels, _ = _labelled_sequences(args, model, tokenizer, layers)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(labels))
@@ -248,7 +278,7 @@ def cmd_check(args) -> int:
             f"layer {layer}: probe accuracy {r['probe_accuracy_before']:.3f} -> {r['probe_accuracy_after']:.3f} "
             f"(chance {r['chance']:.3f})"
         )
-    path = _out(args) / "erasure_check.json"
+    path = out / "erasure_check.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0
@@ -263,6 +293,7 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
             p.add_argument("--model", required=True, help="base model: HF directory or .gguf")
             p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         p.add_argument("--out-dir", required=True)
+        p.add_argument("--overwrite", action="store_true", help="replace this command's files in --out-dir")
         p.add_argument("--site", default="resid_post", choices=["resid_post", "resid_mid"])
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--max-len", type=int, default=512)

@@ -14,7 +14,7 @@ Sources of a selection (caft_method.md sections 2.5-2.6):
 * ``from_selection_file``: ids chosen by a person, ``{"12": [3, 5], "14": [0]}``;
 * baselines: ``top_k_pcs``, ``random_pcs_like``, ``random_orthonormal``, ``top_k_latents``, ``random_latents``;
 * ``probe_guided``: candidates whose projection separates labels of the unwanted concept (ROC AUC);
-* ``from_concepts``: supervised concept directions (``concepts.fit_concept``), optionally with means;
+* ``from_concepts``: supervised concept directions (``concept_fit.fit_concept``), optionally with means;
 * ``autointerp_scores`` + ``from_autointerp``: an LLM explains each feature's displays and rates its relevance
   to a task rubric 0-100; features at or above a threshold are kept.
 """
@@ -31,8 +31,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from caft_jax.ablation_spec import save_ablation_spec
-from caft_jax.discovery.concepts import ConceptErasure, fit_concept
-from caft_jax.discovery.displays import Context, FeatureDisplay
+from caft_jax.discovery.concept_fit import fit_concept
+from caft_jax.discovery.concepts import ConceptErasure
+from caft_jax.discovery.display_report import Context, FeatureDisplay
 from caft_jax.errors import CaftError
 
 DEFAULT_AUTOINTERP_MODEL = "gpt-4.1-mini"
@@ -257,7 +258,7 @@ def top_k_latents(
       k: per layer, or in total when ``per_layer`` is False (the spurious tasks' global top-k).
       largest: rank by signed effect descending (the authors' ``topk(effect)``); False ranks ascending.
     """
-    from caft_jax.discovery.sae import rank_latents
+    from caft_jax.discovery.latent_scores import rank_latents
 
     ranked = rank_latents({int(x): np.asarray(v) for x, v in effects.items()}, k, per_layer=per_layer, largest=largest)
     ids = {layer: chosen for layer, chosen in ranked.items() if chosen}
@@ -277,7 +278,7 @@ def random_latents(
 ) -> Selection:
     """Random SAE latents from the attributed set: per layer, ``k`` (or as many as ``like`` has there) drawn
     uniformly without replacement from the top-``pool`` latents by effect."""
-    from caft_jax.discovery.sae import rank_latents
+    from caft_jax.discovery.latent_scores import rank_latents
 
     ranked = rank_latents({int(x): np.asarray(v) for x, v in effects.items()}, pool)
     if like is not None:
@@ -367,7 +368,7 @@ def probe_guided(
 
 
 def fit_concepts(acts_by_layer: Mapping[int, np.ndarray], labels, mask=None, **kwargs) -> dict[int, ConceptErasure]:
-    """``concepts.fit_concept`` at each layer: acts {layer: [n_seq, t, d]}, labels [n_seq] or [n_seq, t]."""
+    """``concept_fit.fit_concept`` at each layer: acts {layer: [n_seq, t, d]}, labels [n_seq] or [n_seq, t]."""
     return {int(layer): fit_concept(acts, labels, mask, **kwargs) for layer, acts in sorted(acts_by_layer.items())}
 
 

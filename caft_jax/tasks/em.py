@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from caft_jax.data import CHAT_FORMAT, chat_problem
+from caft_jax.em_questions import load_judge_prompts, load_questions
 from caft_jax.errors import DataError
-from caft_jax.evaluate_em import load_judge_prompts, load_questions
 from caft_jax.jsonio import read_jsonl
 
 __all__ = ["QUESTION_FILE", "question_files", "split_chat_jsonl"]
@@ -52,9 +52,10 @@ def split_chat_jsonl(path: str | os.PathLike, val_size: int = 1000, seed: int = 
 def question_files(directory: str | os.PathLike, required: Sequence[str] = (QUESTION_FILE,)) -> dict[str, Path]:
     """``{file stem: path}`` of the eval YAMLs in ``directory``, each validated with the evaluation's own loader.
 
-    ``judge_prompts*.yaml`` files are checked with `caft_jax.evaluate_em.load_judge_prompts`, every other ``.yaml``
-    / ``.yml`` as a question list with `caft_jax.evaluate_em.load_questions`; a malformed file raises that loader's
-    DataError. ``required`` names files that must be present (by default first_plot_questions.yaml).
+    ``judge_prompts*.yaml`` files are checked with `caft_jax.em_questions.load_judge_prompts`, every other ``.yaml``
+    / ``.yml`` as a question list with `caft_jax.em_questions.load_questions`; a malformed file raises that loader's
+    DataError (ConfigError for an unknown key). ``required`` names files that must be present (by default
+    first_plot_questions.yaml).
     """
     folder = Path(directory)
     if not folder.is_dir():
