@@ -36,8 +36,9 @@ def patched_attributes():
         (layers, "CAUSAL_BLOCK"),
         (train_step, "token_losses"),
         (transformer, "head_logits"),
-        (transformer, "ablate"),
-        (train_step.CaftTrainer, "loss_and_grads"),
+        (transformer, "intervene"),
+        (transformer, "projection_stats"),
+        (train_step.CaftTrainer, "loss_grads_and_stats"),
     ]
 
 

@@ -315,12 +315,21 @@ def patch_autodiff_ablate() -> None:
 
     from caft_jax.model import transformer
 
-    def ablate(h, basis, offset, matmul_dtype=None):
-        basis = basis.astype(h.dtype)
+    def intervene(h, layer_data, mask, gradient, matmul_dtype=None):  # plain CAFT fields only
+        basis, offset = layer_data[0].astype(h.dtype), layer_data[1]
         coeff = jnp.einsum("btd,dk->btk", h - offset.astype(h.dtype), basis, preferred_element_type=jnp.float32)
-        return h - jnp.einsum("btk,dk->btd", coeff, basis.astype(jnp.float32)).astype(h.dtype)
+        return h - jnp.einsum("btk,dk->btd", coeff, basis.astype(jnp.float32)).astype(h.dtype), coeff
 
-    transformer.ablate = ablate
+    transformer.intervene = intervene
+
+
+def patch_no_monitor() -> None:
+    """Experiment (--jax-patch no-monitor): the step without the projection monitor's per-layer statistics."""
+    import jax.numpy as jnp
+
+    from caft_jax.model import transformer
+
+    transformer.projection_stats = lambda coefficients, basis, watched: jnp.zeros((2,), jnp.float32)
 
 
 def patch_divided_grads() -> None:
@@ -331,7 +340,7 @@ def patch_divided_grads() -> None:
 
     from caft_jax import train_step
 
-    def loss_and_grads(self, trainable, frozen, batch, projector, rng):
+    def loss_grads_and_stats(self, trainable, frozen, batch, projector, rng):
         lora_settings = self.lora.settings() if self.lora is not None else None
 
         def micro_loss(trainable, micro, key):
@@ -355,9 +364,10 @@ def patch_divided_grads() -> None:
         micro = {k: batch[k] for k in train_step.BATCH_KEYS}
         (loss_sum, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), (micro, keys))
         denom = jnp.maximum(count, 1.0)
-        return loss_sum / denom, count, jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+        return loss_sum / denom, count, grads, None
 
-    train_step.CaftTrainer.loss_and_grads = loss_and_grads
+    train_step.CaftTrainer.loss_grads_and_stats = loss_grads_and_stats
 
 
 JAX_PATCHES = {
@@ -371,6 +381,7 @@ JAX_PATCHES = {
     "autodiff-head": (patch_autodiff_head,),
     "autodiff-ablate": (patch_autodiff_ablate,),
     "divided-grads": (patch_divided_grads,),
+    "no-monitor": (patch_no_monitor,),
 }
 
 

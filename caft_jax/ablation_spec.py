@@ -120,11 +120,23 @@ def projector_from_spec(
     allowed_layers: Sequence[int] | None = None,
     k_max: int | None = None,
     site: str = "resid_post",
+    strength: float = 1.0,
+    steer_coeff: float = 0.0,
+    gradient: str = "through",
+    positions: str = "all",
 ):
-    """The one loader from a spec file to the Projector that training, evaluation and serving ablate with."""
+    """The one loader from a spec file to the Projector that training, evaluation and serving intervene with.
+
+    ``strength`` scales the ablation of the spec's directions (0: none); ``steer_coeff`` c adds c times each
+    layer's first direction, unit length (preventative steering with the discovered direction; 0: none).
+    """
     from caft_jax.projector import build_projector
 
     directions, means, _ = check_ablation_spec(path, n_layers=n_layers, d_model=d_model, allowed_layers=allowed_layers)
+    steer = None
+    if steer_coeff:
+        steer = {layer: d[0] / np.linalg.norm(d[0]) for layer, d in directions.items()}
     return build_projector(
-        directions, n_layers, d_model, means=means if mean_ablation else None, k_max=k_max, site=site
-    )
+        directions, n_layers, d_model, means=means if mean_ablation else None, k_max=k_max, site=site,
+        strength=strength, steer=steer, steer_coeff=steer_coeff, gradient=gradient, positions=positions,
+    )  # fmt: skip

@@ -83,7 +83,7 @@ def compile_train_step(cfg, hf_config: dict, devices, *, k_max: int = 8) -> dict
     """Lower and compile CaftTrainer's step for `devices` from abstract shapes; return the report dict."""
     from caft_jax.model.spec import spec_from_hf_config
     from caft_jax.model.transformer import init_model
-    from caft_jax.projector import Projector
+    from caft_jax.projector import empty_projector
     from caft_jax.sharding import make_mesh, replicated, tree_shardings
     from caft_jax.train_step import CaftTrainer
 
@@ -119,10 +119,9 @@ def compile_train_step(cfg, hf_config: dict, devices, *, k_max: int = 8) -> dict
         )
         for k in trainer.batch_keys
     }
-    projector = Projector(
-        basis=jax.ShapeDtypeStruct((spec.n_layers, spec.d_model, k_max), jnp.float32, sharding=replicated(mesh)),
-        offset=jax.ShapeDtypeStruct((spec.n_layers, spec.d_model), jnp.float32, sharding=replicated(mesh)),
-        site=cfg.ablation.site,
+    projector = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
+        jax.eval_shape(lambda: empty_projector(spec.n_layers, spec.d_model, k_max, site=cfg.ablation.site)),
     )
     start = time.perf_counter()
     with jax.set_mesh(mesh):

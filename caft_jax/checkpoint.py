@@ -3,8 +3,10 @@
 One checkpoint is one orbax step directory ``<directory>/<step>/`` holding three Composite items:
 
 * ``state``: the TrainState pytree (step, trainable, opt_state, rng) as sharded arrays (``StandardSave``);
-* ``projector``: ``{"basis", "offset"}`` arrays of the ablation projector (absent when there is none);
-* ``meta``: JSON ``{step, data_position, config, projector: {site} | None, rng_impl, caft_jax_version}``.
+* ``projector``: the intervention's arrays (``basis``, ``offset`` and, when set, ``strength``, ``steer``,
+  ``steer_coeff``; absent when there is none);
+* ``meta``: JSON ``{step, data_position, config, projector: {site, gradient, positions} | None, rng_impl,
+  caft_jax_version}``.
 
 The frozen base model is never saved (it is reloaded from its source). Saves are asynchronous by default: orbax
 copies the arrays to host memory before ``save`` returns (so the caller may donate the state to the next step at
@@ -31,6 +33,19 @@ from caft_jax.projector import Projector
 from caft_jax.train_step import TrainState
 
 STATE, PROJECTOR, META = "state", "projector", "meta"
+PROJECTOR_STATIC = ("site", "gradient", "positions")
+
+
+def projector_arrays(projector: Projector) -> dict:
+    """The intervention's array fields that are set (checkpoints written before strength/steering had two)."""
+    names = ("basis", "offset", "strength", "steer", "steer_coeff")
+    return {name: getattr(projector, name) for name in names if getattr(projector, name) is not None}
+
+
+def projector_static(projector: Projector) -> dict:
+    return {name: getattr(projector, name) for name in PROJECTOR_STATIC}
+
+
 COMMIT_FILE = "commit_success.txt"  # orbax writes it before the final rename (or as the commit, on GCS)
 
 
@@ -168,7 +183,7 @@ class CheckpointManager:
             "step": step,
             "data_position": data_position or {},
             "config": config or {},
-            "projector": None if projector is None else {"site": projector.site},
+            "projector": None if projector is None else projector_static(projector),
             "rng_impl": rng_impl,
             "caft_jax_version": _version(),
         }
@@ -180,7 +195,7 @@ class CheckpointManager:
             ) from e
         items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
         if projector is not None:
-            items[PROJECTOR] = ocp.args.StandardSave({"basis": projector.basis, "offset": projector.offset})
+            items[PROJECTOR] = ocp.args.StandardSave(projector_arrays(projector))
         return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
 
     # ---- restore -----------------------------------------------------------------------------------------
@@ -244,8 +259,7 @@ class CheckpointManager:
             state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=meta.get("rng_impl") or "threefry2x32"))
         projector = None
         if PROJECTOR in items:
-            site = (meta.get("projector") or {}).get("site", "resid_post")
-            projector = Projector(basis=out[PROJECTOR]["basis"], offset=out[PROJECTOR]["offset"], site=site)
+            projector = Projector(**out[PROJECTOR], **(meta.get("projector") or {}))
         return state, projector, meta
 
     def _check_match(self, step: int, stored_tree, abstract: TrainState) -> None:

@@ -58,6 +58,11 @@ class AblationConfig:
       site: "resid_post" (the authors' hook site) or "resid_mid".
       k_max: padded width of the projector stack (default: the largest number of directions of a layer).
       mean_ablation: use the spec's per-layer means as offsets (if it has them).
+      strength: alpha of a partial ablation h - alpha ((h - mu) Q) Q^T (1 = CAFT, 0 = no ablation).
+      steer_coeff: preventative steering: add c times each spec layer's first direction (unit length); 0 = none.
+      gradient: "through" (CAFT), "detached" (ablated forward, unprojected gradient) or "gradient_only" (plain
+        forward, projected gradient).
+      positions: the tokens the intervention acts on: "all", "prompt" or "response" (the trained tokens).
     """
 
     spec: str = ""
@@ -65,6 +70,10 @@ class AblationConfig:
     site: str = "resid_post"
     k_max: int | None = None
     mean_ablation: bool = True
+    strength: float = 1.0
+    steer_coeff: float = 0.0
+    gradient: str = "through"
+    positions: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +155,8 @@ CHOICES = {
     "export": ("peft", "merged", "both", "none"),
     "data.format": ("chat", "mc"),
     "ablation.site": ("resid_post", "resid_mid"),
+    "ablation.gradient": ("through", "detached", "gradient_only"),
+    "ablation.positions": ("all", "prompt", "response"),
 }
 # (lowest allowed value, whether the bound itself is allowed)
 LOWER_BOUNDS = {

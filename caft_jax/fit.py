@@ -147,6 +147,7 @@ def fit(
     from tqdm.auto import tqdm
 
     is_main = jax.process_index() == 0
+    watched = projector.active_layers() if projector is not None else []
     position = dict(position or {"epoch": 0, "batch": 0})
     step = int(state.step)
     losses: list[float] = []
@@ -163,7 +164,9 @@ def fit(
             local = data.split_for_processes(batch, jax.process_index(), jax.process_count())
             micro = {k: v.reshape(grad_accum, -1, *v.shape[1:]) for k, v in local.items() if v.ndim == 2}
             state, metrics = trainer.step(state, micro, projector)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = jax.device_get(metrics)
+            projection = projection_record(metrics.pop("projection", None), watched)
+            metrics = {k: float(v) for k, v in metrics.items()}
             if not metrics["finite"]:
                 status, bad_step = "diverged", step + 1
                 break
@@ -172,6 +175,8 @@ def fit(
             tokens_seen += metrics["tokens"]
             rate = tokens_seen / max(time.time() - started, 1e-9)
             record = {"step": step, "epoch": epoch, **metrics, "tokens_per_s": rate}
+            if projection:
+                record["projection"] = projection
             if step % log_every == 0:
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -180,7 +185,10 @@ def fit(
                     on_metrics(record)
             elapsed = max(time.time() - started, 1e-9)  # the bar shows all real (non-pad) tokens, the log trained ones
             bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{real_tokens / elapsed:.0f}"
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{real_tokens / elapsed:.0f}",
+                **({"proj": projection_summary(projection)} if projection else {}),
             )
             bar.update(1)
             position = {"epoch": epoch, "batch": index + 1}
@@ -218,6 +226,20 @@ def fit(
         signal=signals.received,
         bad_step=bad_step,
     )
+
+
+def projection_record(stats, layers: list[int]) -> dict:
+    """{"<layer>": {"mean", "max"}} of |(h - mu) . q| before the intervention, for the layers it acts on."""
+    if stats is None:
+        return {}
+    stats = np.asarray(stats, np.float64)
+    return {str(layer): {"mean": float(stats[layer, 0]), "max": float(stats[layer, 1])} for layer in layers}
+
+
+def projection_summary(record: dict) -> str:
+    """The progress bar's view: the mean over layers of the mean |h . q|, and the largest max."""
+    means = [v["mean"] for v in record.values()]
+    return f"{np.mean(means):.3g}/{max(v['max'] for v in record.values()):.3g}"
 
 
 def final_loss(losses: list[float], window: int) -> float:

@@ -68,6 +68,15 @@ def last_token_losses(model: Model, hidden: jax.Array, tokens: jax.Array, loss_m
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def intervention_mask(projector: Projector | None, batch: dict) -> jax.Array | None:
+    """The positions [b, t] the projector acts on, by its token rule (None: every position)."""
+    if projector is None or projector.positions == "all":
+        return None
+    if projector.positions == "response":  # the trained tokens
+        return batch["loss_mask"]
+    return batch["attn_mask"] & ~batch["loss_mask"]  # the prompt: attended, not trained
+
+
 @dataclasses.dataclass
 class CaftTrainer:
     """Builds and runs the sharded CAFT train step for one model and recipe.
@@ -103,7 +112,7 @@ class CaftTrainer:
         self.batch_keys = PACKED_BATCH_KEYS if self.packed else BATCH_KEYS
         self.tx = make_optimizer(self.optim, self.total_steps)
         self.schedule = learning_rate_schedule(self.optim, self.total_steps)
-        self._step_fn = None
+        self._step_fns = {}  # one jitted step per projector structure (None, and each site / gradient / positions)
 
     # ---- state -------------------------------------------------------------------------------------------
     def frozen_params(self) -> dict | None:
@@ -168,7 +177,13 @@ class CaftTrainer:
 
     # ---- the step ----------------------------------------------------------------------------------------
     def loss_and_grads(self, trainable, frozen, batch, projector, rng):
-        """Token-mean loss over all micro-batches of `batch` ([accum, b, t] arrays), target count, gradients.
+        """(loss, target count, gradients) of ``loss_grads_and_stats``."""
+        return self.loss_grads_and_stats(trainable, frozen, batch, projector, rng)[:3]
+
+    def loss_grads_and_stats(self, trainable, frozen, batch, projector, rng):
+        """Token-mean loss over all micro-batches of `batch` ([accum, b, t] arrays), target count, gradients, and
+        the intervention's projection stats [n_layers, 2] (mean over micro-batches of the mean, max of the max;
+        None without a projector).
 
         The target count comes from the loss masks before the forward, so each micro-batch differentiates its share
         of the mean directly: the gradients need no division pass afterwards (for full fine-tuning that pass
@@ -194,34 +209,37 @@ class CaftTrainer:
                 rng=key if (lora_settings and lora_settings.dropout) else None,
                 logits=not self.last_token_loss,
                 segment_ids=micro.get("segment_ids"),
+                intervention_mask=intervention_mask(projector, micro),
             )
             if self.last_token_loss:  # position t-2 predicts the last token, the answer
                 loss_sum, _ = last_token_losses(model, out.hidden, micro["tokens"], micro["loss_mask"])
             else:
                 loss_sum, _ = token_losses(out.logits, micro["tokens"], micro["loss_mask"])
-            return loss_sum / denom
+            return loss_sum / denom, out.intervention_stats
 
         accum = batch["tokens"].shape[0]
         keys = jax.random.split(rng, accum)
         micro_batches = {k: batch[k] for k in self.batch_keys}
-        grad_fn = jax.value_and_grad(micro_loss)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         if accum == 1:
-            loss, grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], micro_batches), keys[0])
+            (loss, stats), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], micro_batches), keys[0])
         else:
 
             def accumulate(carry, xs):
                 loss, grads = carry
-                part, g = grad_fn(trainable, *xs)
-                return (loss + part, jax.tree.map(jnp.add, grads, g)), None
+                (part, part_stats), g = grad_fn(trainable, *xs)
+                return (loss + part, jax.tree.map(jnp.add, grads, g)), part_stats
 
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-            (loss, grads), _ = jax.lax.scan(accumulate, (0.0, zeros), (micro_batches, keys))
+            (loss, grads), stats = jax.lax.scan(accumulate, (0.0, zeros), (micro_batches, keys))
+            if stats is not None:  # [accum, n_layers, 2] -> [n_layers, 2]
+                stats = jnp.stack([stats[..., 0].mean(0), stats[..., 1].max(0)], axis=-1)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
-        return loss, count, grads
+        return loss, count, grads, stats
 
     def _step(self, state: TrainState, frozen, batch, projector: Projector | None):
         rng, step_rng = jax.random.split(state.rng)
-        loss, count, grads = self.loss_and_grads(state.trainable, frozen, batch, projector, step_rng)
+        loss, count, grads, stats = self.loss_grads_and_stats(state.trainable, frozen, batch, projector, step_rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         grad_norm = optax.tree.norm(grads)
@@ -235,23 +253,29 @@ class CaftTrainer:
             "lr": self.schedule(state.step),
             "finite": finite,
         }
+        if stats is not None:
+            metrics["projection"] = stats
         return new, metrics
 
     def compiled_step(self, state: TrainState, projector: Projector | None):
-        """The jitted step with explicit in/out shardings; the train state is donated, frozen params are not."""
-        if self._step_fn is None:
+        """The jitted step with explicit in/out shardings; the train state is donated, frozen params are not.
+
+        The projector's static fields (site, gradient mode, token rule) are part of its sharding tree, so each
+        combination gets its own jitted function; new projector values of one structure reuse it."""
+        key = jax.tree.structure(projector)
+        if key not in self._step_fns:
             state_sh = self.state_shardings(state)
             frozen = self.frozen_params()
             frozen_sh = None if frozen is None else tree_shardings(frozen, self.mesh)
             batch_sh = {k: self.batch_sharding() for k in self.batch_keys}
             proj_sh = None if projector is None else jax.tree.map(lambda _: replicated(self.mesh), projector)
-            self._step_fn = jax.jit(
+            self._step_fns[key] = jax.jit(
                 self._step,
                 in_shardings=(state_sh, frozen_sh, batch_sh, proj_sh),
                 out_shardings=(state_sh, replicated(self.mesh)),
                 donate_argnums=(0,),
             )
-        return self._step_fn
+        return self._step_fns[key]
 
     def place_batch(self, batch: dict) -> dict:
         """Host numpy batch -> global sharded arrays. Each process passes its own rows (multi-host)."""

@@ -167,7 +167,7 @@ def test_new_projector_values_do_not_recompile(tiny_models):
         ({0: np.zeros((1, 8))}, {}, "linearly dependent"),
         ({0: np.ones((2, 2, 8))}, {}, "expected [k, d_model=8]"),
         ({0: np.eye(8)[:3]}, {"k_max": 2}, "raise k_max"),
-        ({0: np.eye(8)[:1]}, {"site": "resid_pre"}, "Unknown ablation site"),
+        ({0: np.eye(8)[:1]}, {"site": "resid_pre"}, "Unknown intervention site"),
         ({0: np.eye(8)[:1]}, {"means": {0: np.ones(3)}}, "Mean offset for layer 0"),
     ],
 )

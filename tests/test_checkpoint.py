@@ -82,7 +82,8 @@ def test_roundtrip_is_exact_and_training_resumes_identically(setup, tmp_path):
     _assert_tree_equal(proj, projector)
     assert proj.site == "resid_mid"
     assert meta["data_position"] == position and meta["config"] == CONFIG and meta["step"] == 1
-    assert meta["projector"] == {"site": "resid_mid"} and meta["caft_jax_version"]
+    assert meta["projector"] == {"site": "resid_mid", "gradient": "through", "positions": "all"}
+    assert meta["caft_jax_version"]
     state_b, metrics_b = trainer.step(restored, batch, proj)
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     _assert_tree_equal(state_a, state_b)

@@ -156,3 +156,100 @@ def test_concept_directions_erase_the_label(setup):
     )
     r = json.loads((out / "erasure_check.json").read_text())["1"]
     assert r["probe_accuracy_before"] > r["probe_accuracy_after"], text
+
+
+def test_screen_ranks_records_by_their_response_projection(setup, tmp_path):
+    """`discover screen`: each record's score is the mean of h . q over its response tokens (checked against the
+    captured activations and numpy), the ranking is by score, and --drop-top writes the rest in file order."""
+    from caft_jax import data, load_model, load_tokenizer
+    from caft_jax.ablation_spec import save_ablation_spec
+    from caft_jax.discovery.capture import capture_activations
+
+    root, model_dir, chats, _, _ = setup
+    direction = np.random.default_rng(4).normal(size=(1, 64))
+    spec = save_ablation_spec(tmp_path / "spec.safetensors", {1: direction})
+    out = tmp_path / "screen"
+    discover("screen", "--model", model_dir, "--spec", spec, "--data", chats, "--drop-top", "0.25", "--out-dir", out)
+    ranking = [json.loads(line) for line in open(out / "screening.jsonl")]
+    assert [r["rank"] for r in ranking] == list(range(1, 13))
+    scores = {r["index"]: r["score"] for r in ranking}
+    # reference: per record, the captured answer-token activations at layer 1, projected with numpy
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    records = data.load_chat_jsonl(chats)
+    q = direction[0] / np.linalg.norm(direction[0])
+    for i, record in enumerate(records):
+        batches = data.make_batches(
+            [data.tokenize_chat(tok, record["messages"], 512)], 1, seed=0, epoch=0, pad_id=0, shuffle=False
+        )
+        acts = capture_activations(model, batches, [1], mask="answer", progress=False)[1]
+        np.testing.assert_allclose(scores[i], (acts.astype(np.float64) @ q).mean(), rtol=1e-4, atol=1e-5)
+    assert [r["score"] for r in ranking] == sorted(scores.values(), reverse=True)
+    top = {r["index"] for r in ranking[:3]}  # ceil(0.25 * 12)
+    assert {r["index"] for r in ranking if r["dropped"]} == top
+    kept = [json.loads(line) for line in open(out / "kept.jsonl")]
+    assert kept == [r for i, r in enumerate(records) if i not in top]
+    assert (out / "screening.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run into the folder needs --overwrite; a fraction of 1 is refused before the model loads
+    proc = subprocess.run(
+        [sys.executable, "-m", "caft_jax.discover", "screen", "--model", str(model_dir), "--spec", str(spec),
+         "--data", str(chats), "--drop-top", "1", "--out-dir", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--drop-top must be a fraction in [0, 1)" in proc.stderr
+
+
+def test_persona_vectors_are_mean_answer_activation_differences(setup, tmp_path):
+    """`discover persona`: the spec's direction at each layer is mean over positive-prompt chats of their mean
+    answer-token activation minus the same under the negative prompts (numpy on the captured activations)."""
+    from caft_jax import data, load_model, load_tokenizer
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.capture import capture_activations
+
+    root, model_dir, _, _, _ = setup
+    trait = tmp_path / "trait.yaml"
+    trait.write_text(
+        "instruction:\n  - {pos: 'You are evil.', neg: 'You are kind.'}\n  - {pos: 'Be rude.', neg: 'Be polite.'}\n"
+        "questions: ['Hello 1', 'Hello 2', 'How are you?']\n"
+    )
+    out = tmp_path / "persona"
+    discover("persona", "--model", model_dir, "--trait", trait, "--layers", "0,2", "--max-new-tokens", "4",
+             "--out-dir", out)  # fmt: skip
+    directions, _, meta = load_ablation_spec(out / "persona.safetensors")
+    assert sorted(directions) == [0, 2] and meta["variant"] == "response" and meta["chats_per_side"] == 6
+    answers = [json.loads(line) for line in open(out / "persona_answers.jsonl")]
+    assert len(answers) == 12 and {a["side"] for a in answers} == {"pos", "neg"}
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    means = {}
+    for side in ("pos", "neg"):
+        per_chat = []
+        for a in (a for a in answers if a["side"] == side):
+            batch = data.make_batches([data.tokenize_chat(tok, a["messages"], 512)], 1, seed=0, epoch=0, pad_id=0)
+            acts = capture_activations(model, batch, [0, 2], mask="answer", progress=False)
+            per_chat.append({layer: x.astype(np.float64).mean(0) for layer, x in acts.items()})
+        means[side] = {layer: np.mean([c[layer] for c in per_chat], axis=0) for layer in (0, 2)}
+    for layer in (0, 2):
+        expected = means["pos"][layer] - means["neg"][layer]
+        np.testing.assert_allclose(directions[layer][0], expected, rtol=1e-4, atol=1e-6)
+        assert meta["norms"][str(layer)] == pytest.approx(np.linalg.norm(expected), rel=1e-4)
+
+
+def test_persona_positions_and_trait_file_errors(tmp_path):
+    from caft_jax.discovery.persona import load_trait, positions
+    from caft_jax.errors import ConfigError
+
+    batch = {
+        "attn_mask": np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], bool),
+        "loss_mask": np.array([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1]], bool),
+        "row_valid": np.array([True, False]),
+    }
+    np.testing.assert_array_equal(positions(batch, "response")[0], [0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(positions(batch, "prompt")[0], [0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(positions(batch, "last_prompt")[0], [0, 0, 1, 0, 0, 0])
+    assert not positions(batch, "response")[1].any()  # a filler row
+    bad = tmp_path / "trait.yaml"
+    bad.write_text("instruction: [{pos: a, neg: b}]\nquestions: [q]\nquestion_count: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['question_count'\]"):
+        load_trait(bad)
+    bad.write_text("instruction: [{pos: a}]\nquestions: [q]\n")
+    with pytest.raises(ConfigError, match="non-empty list of"):
+        load_trait(bad)

@@ -504,3 +504,42 @@ def test_full_finetuning_keeps_the_base_params(mc_setup):
         np.testing.assert_array_equal(np.asarray(leaf), original)
     trained = jax.tree.leaves(state.trainable)
     assert any(not np.array_equal(np.asarray(t), b) for t, b in zip(trained, jax.tree.leaves(before), strict=True))
+
+
+def test_family_conditions_and_the_steering_search(tiny_model, short_source, compile_cache, tmp_path):
+    """--conditions runs the detached / gradient-only variants and preventative steering, whose coefficient is the
+    best on the validation split among --steer-coeffs (seed 0's search run is the steer run of seed 0)."""
+    out = tmp_path / "family"
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--conditions",
+                         "plain,caft_detached,caft_gradient_only,steer", "--steer-coeffs", "1,8")  # fmt: skip
+    assert cli.main(argv) == 0
+    runs = {p.name for p in (out / "runs").iterdir()}
+    assert runs == {"plain_seed0.json", "caft_detached_seed0.json", "caft_gradient_only_seed0.json",
+                    "steer_seed0.json", "steer_c1_seed0.json", "steer_c8_seed0.json", "steer_search.json"}  # fmt: skip
+    rows = {name: json.loads((out / "runs" / name).read_text()) for name in runs}
+    search = rows["steer_search.json"]
+    tried = {float(c): v for c, v in search["val_accuracy"].items()}
+    assert tried == {1.0: rows["steer_c1_seed0.json"]["val"], 8.0: rows["steer_c8_seed0.json"]["val"]}
+    assert search["chosen"] == max(tried, key=lambda c: (tried[c], -abs(c)))
+    assert rows["steer_seed0.json"] == rows[f"steer_c{search['chosen']:g}_seed0.json"]
+    names = ("plain_seed0.json", "caft_detached_seed0.json", "caft_gradient_only_seed0.json", "steer_seed0.json")
+    losses = {name: rows[name]["final_loss"] for name in names}
+    assert len(set(losses.values())) == 4, losses  # every intervention changed the training
+    table = (out / "results.md").read_text()
+    assert all(f"| {c} |" in table for c in ("plain", "caft_detached", "caft_gradient_only", "steer"))
+    # conditions may change on --resume (each run depends on its own condition only): nothing is retrained
+    before = {name: (out / "runs" / name).read_bytes() for name in runs}
+    argv[argv.index("--conditions") + 1] = "plain,steer"
+    assert cli.main([*argv, "--resume"]) == 0
+    assert {name: (out / "runs" / name).read_bytes() for name in runs} == before
+    assert "caft_detached" not in (out / "results.md").read_text()
+
+
+def test_conditions_must_be_known_and_start_with_plain(tmp_path, capsys):
+    assert cli.main(["--conditions", "caft,plain", "--out", str(tmp_path / "o")]) == 2
+    assert "conditions must start with plain" in capsys.readouterr().err
+    assert cli.main(["--conditions", "plain,steered", "--out", str(tmp_path / "o")]) == 2
+    assert "['steered']" in capsys.readouterr().err
+    assert cli.main(["--steer-coeffs", "a,b", "--out", str(tmp_path / "o")]) == 2
+    assert "steer_coeffs 'a,b' must be numbers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

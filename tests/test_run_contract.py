@@ -73,6 +73,8 @@ def test_caft_console_script_runs_each_command():
         ("lora.rank=0", "LoRA rank must be >= 1"),
         ("epochs=0", "epochs must be > 0"),
         ("data.pack=maybe", "data.pack must be true or false"),
+        ("ablation.gradient=sideways", "ablation.gradient must be one of through, detached, gradient_only"),
+        ("ablation.positions=answer", "ablation.positions must be one of all, prompt, response"),
     ],
 )
 def test_bad_recipe_values_fail_before_anything_is_written(setup, tmp_path, capsys, override, message):

@@ -87,7 +87,10 @@ def test_kill_and_resume_is_bitwise_identical(run_setup, tmp_path, pack):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     record = json.loads(open(full / "metrics.jsonl").readline())
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step"} <= set(record)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step", "projection"} <= set(record)
+    # the projection monitor: the spec's one ablated layer, what the ablation removed there (> 0, max >= mean)
+    assert list(record["projection"]) == ["1"]
+    assert 0 < record["projection"]["1"]["mean"] <= record["projection"]["1"]["max"]
 
 
 def test_nan_loss_stops_names_the_last_good_step_and_resume_step_picks_one(run_setup, tmp_path):

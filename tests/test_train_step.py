@@ -89,11 +89,14 @@ def relative_error(ours, theirs) -> float:
     return float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-12))
 
 
-def authors_lora_step(model_dir, cfg: LoraConfig, lora: dict, directions: dict, batch: dict, dtype=torch.float32):
+def authors_lora_step(
+    model_dir, cfg: LoraConfig, lora: dict, directions: dict, batch: dict, dtype=torch.float32, add_hooks=None
+):
     """Loss and LoRA gradients of the authors' stack: transformers + peft LoRA + forward hooks on model.layers[i].
 
     ``lora`` holds our weights ({sub: {kernel: {"a": [L, in, r], "b": [L, r, out]}}}), copied into peft's
-    adapters; the model runs in ``dtype`` (peft keeps its adapters in float32, as it does by default). Returns
+    adapters; the model runs in ``dtype`` (peft keeps its adapters in float32, as it does by default);
+    ``add_hooks(hf_model, directions)`` replaces the authors' CAFT hook (other interventions). Returns
     (loss, {(sub, kernel, layer): {"a": [in, r], "b": [r, out]}}) in our layout, as float32 numpy.
     """
     import peft
@@ -114,7 +117,7 @@ def authors_lora_step(model_dir, cfg: LoraConfig, lora: dict, directions: dict, 
                 mod.lora_A["default"].weight.copy_(torch.tensor(np.asarray(ab["a"][layer], np.float32).T))
                 mod.lora_B["default"].weight.copy_(torch.tensor(np.asarray(ab["b"][layer], np.float32).T))
                 adapters[(sub, kernel, layer)] = mod
-    handles = add_authors_hooks(ref.base_model.model, directions)
+    handles = (add_hooks or add_authors_hooks)(ref.base_model.model, directions)
     tokens = torch.tensor(batch["tokens"][0].astype(np.int64))
     attn, lmask = torch.tensor(batch["attn_mask"][0]), torch.tensor(batch["loss_mask"][0])
     positions = torch.clamp(attn.long().cumsum(-1) - 1, min=0)

@@ -117,6 +117,10 @@ def build_projector_from_config(cfg, spec):
         allowed_layers=cfg.ablation.layers or None,
         k_max=cfg.ablation.k_max,
         site=cfg.ablation.site,
+        strength=cfg.ablation.strength,
+        steer_coeff=cfg.ablation.steer_coeff,
+        gradient=cfg.ablation.gradient,
+        positions=cfg.ablation.positions,
     )
 
 

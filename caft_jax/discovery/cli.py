@@ -10,6 +10,10 @@ input (layer indices, files) is checked against the model's config before its we
   display  max/min-activating contexts of PCs or SAE latents over a text corpus -> displays.html + displays.json
   select   an ablation spec from a selection file or a baseline (top-k, random, random orthonormal)
   check    erasure check of an ablation spec: a fresh probe for the unwanted concept on ablated activations
+  persona  persona-vector directions: mean activations of the model's answers under a trait-eliciting minus a
+           trait-suppressing system prompt (response / prompt / last-prompt-token averages) -> persona.safetensors
+  screen   training records ranked by their projection on a spec direction -> screening.jsonl / .png, and
+           kept.jsonl without the top --drop-top fraction (train on it with data.train=.../kept.jsonl)
 """
 
 from __future__ import annotations
@@ -284,6 +288,92 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_persona(args) -> int:
+    from caft_jax import data
+    from caft_jax.ablation_spec import save_ablation_spec
+    from caft_jax.discovery.persona import chat_means, load_trait, persona_directions
+    from caft_jax.generate import SamplingConfig, generate
+    from caft_jax.jsonio import write_jsonl
+
+    pairs, questions = load_trait(args.trait)
+    layers = _checked_layers(args, _layers(args.layers))
+    out = _claim(args, "persona.safetensors", "persona_answers.jsonl")
+    model, tokenizer = _model_and_tokenizer(args)
+    lora = lora_settings = None
+    if args.adapter:
+        from caft_jax.cli.common import load_adapter
+
+        lora, lora_settings = load_adapter(args.adapter, model)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=True)
+    answers, chats = [], {"pos": [], "neg": []}
+    for pair_index, pair in enumerate(pairs):
+        for side, system in zip(("pos", "neg"), pair, strict=True):
+            texts = generate(
+                model, tokenizer, questions, sampling, lora=lora, lora_settings=lora_settings,
+                batch_size=args.batch_size, chat=True, system=system, progress=False,
+            )  # fmt: skip
+            for question, result in zip(questions, texts, strict=True):
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": question},
+                            {"role": "assistant", "content": result["text"]}]  # fmt: skip
+                chats[side].append(data.tokenize_chat(tokenizer, messages, args.max_len))
+                answers.append({"instruction": pair_index, "side": side, "messages": messages})
+    pad_id = data.pad_token_id(tokenizer)
+    means = {
+        side: chat_means(
+            model,
+            list(data.make_batches(examples, args.batch_size, seed=0, epoch=0, pad_id=pad_id, shuffle=False)),
+            layers,
+            args.variant,
+            lora=lora,
+            lora_settings=lora_settings,
+        )  # fmt: skip
+        for side, examples in chats.items()
+    }
+    directions = persona_directions(means["pos"], means["neg"])
+    norms = {str(layer): float(np.linalg.norm(d)) for layer, d in directions.items()}
+    meta = {"model": args.model, "adapter": args.adapter, "trait": args.trait, "variant": args.variant,
+            "chats_per_side": len(chats["pos"]), "norms": norms}  # fmt: skip
+    path = save_ablation_spec(out / "persona.safetensors", directions, metadata=meta)
+    write_jsonl(out / "persona_answers.jsonl", answers)
+    for layer, norm in norms.items():
+        print(f"layer {layer}: |mean(pos) - mean(neg)| = {norm:.4g}")
+    print(f"wrote {path} and {out / 'persona_answers.jsonl'}")
+    return 0
+
+
+def cmd_screen(args) -> int:
+    from caft_jax import data
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.screen import OUTPUTS, projection_scores, split_top, write_screening
+
+    split_top(np.zeros(1), args.drop_top)  # a bad fraction fails before anything loads
+    directions, _, _ = load_ablation_spec(args.spec)
+    layer = args.layer if args.layer is not None else min(directions)
+    if layer not in directions:
+        raise ConfigError(f"{args.spec} has no direction at layer {layer} (it has {sorted(directions)}); fix --layer.")
+    _checked_layers(args, [layer])
+    out = _claim(args, *OUTPUTS)
+    model, tokenizer = _model_and_tokenizer(args)
+    lora = lora_settings = None
+    if args.adapter:
+        from caft_jax.cli.common import load_adapter
+
+        lora, lora_settings = load_adapter(args.adapter, model)
+    records = data.load_chat_jsonl(args.data) if args.format == "chat" else data.load_mc_jsonl(args.data)
+    records = records[: args.limit] if args.limit else records
+    scores = projection_scores(
+        model, _training_batches(args, tokenizer), layer, directions[layer][0], site=args.site, lora=lora,
+        lora_settings=lora_settings,
+    )  # fmt: skip
+    title = f"{pathlib.Path(args.data).name}: projection on {pathlib.Path(args.spec).name}, layer {layer}"
+    paths = write_screening(out, records, scores, drop_top=args.drop_top, title=title)
+    finite = scores[np.isfinite(scores)]
+    print(f"{len(scores)} records, score mean {finite.mean():.4g}, max {finite.max():.4g}" if len(finite) else
+          f"{len(scores)} records, none with a response token")  # fmt: skip
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -356,6 +446,25 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--spec", required=True)
     p.add_argument("--labelled", required=True, help='JSONL of {"prompt": ..., "label": ...}')
     p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("persona", help="persona-vector directions from contrasting system prompts")
+    common(p)
+    p.add_argument("--trait", required=True, help="YAML/JSON: instruction [{pos, neg}], questions [...]")
+    p.add_argument("--layers", required=True, help="comma-separated, e.g. 10,20")
+    p.add_argument("--variant", default="response", choices=["response", "prompt", "last_prompt"])
+    p.add_argument("--adapter", help="a PEFT adapter on the model (e.g. a fine-tune's)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length")
+    p.set_defaults(run=cmd_persona)
+
+    p = sub.add_parser("screen", help="rank training records by their projection on a direction")
+    common(p)
+    p.add_argument("--spec", required=True, help="directions file (the first direction of --layer is used)")
+    p.add_argument("--layer", type=int, help="the spec layer to project at (default: its first)")
+    p.add_argument("--adapter", help="score with this PEFT adapter on the model (e.g. a fine-tune's)")
+    p.add_argument("--data", required=True, help="chat or multiple-choice JSONL (the training file)")
+    p.add_argument("--format", default="chat", choices=["chat", "mc"])
+    p.add_argument("--drop-top", type=float, default=0.0, help="write kept.jsonl without this top fraction")
+    p.set_defaults(run=cmd_screen)
     return parser
 
 

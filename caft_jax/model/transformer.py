@@ -21,7 +21,7 @@ from flax import nnx
 
 from caft_jax.model.layers import DecoderLayer, LoraSettings, linear, rms_norm, rotary_tables, softcap
 from caft_jax.model.spec import ModelSpec, rope_inverse_frequencies
-from caft_jax.projector import Projector, ablate
+from caft_jax.projector import Projector, intervene
 from caft_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -68,6 +68,7 @@ class CausalLM(nnx.Module):
         capture_delta: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         matmul_dtype=None,
+        intervention_mask: jax.Array | None = None,
     ):
         spec, dtype = self.spec, self.dtype
         matmul_dtype = jnp.dtype(matmul_dtype or dtype)
@@ -91,7 +92,8 @@ class CausalLM(nnx.Module):
             cache=cache,
             capture=capture,
             capture_delta=capture_delta,
-            ablate_site=projector.site if projector is not None else None,
+            projector=projector,
+            intervention_mask=intervention_mask,
             lora_settings=lora_settings,
             matmul_dtype=matmul_dtype,
         )
@@ -100,7 +102,7 @@ class CausalLM(nnx.Module):
         captured0 = None
         if capture is not None:
             captured0 = jnp.zeros((len(capture.layers), b, t, spec.d_model), capture.dtype or dtype)
-        (h, captured), new_kv = jax.lax.scan(body, (h, captured0), xs)
+        (h, captured), (new_kv, stats) = jax.lax.scan(body, (h, captured0), xs)
 
         new_cache = None
         if cache is not None:
@@ -109,7 +111,7 @@ class CausalLM(nnx.Module):
         if logits:
             head = self.table[...] if spec.tie_embeddings else self.lm_head[...]  # [V, d] tied, else [d, V]
             out = constrain(head_logits(h, self.final_norm[...], head, spec, matmul_dtype), "batch", None, "vocab")
-        return ForwardOutput(logits=out, cache=new_cache, captured=captured, hidden=h)
+        return ForwardOutput(logits=out, cache=new_cache, captured=captured, hidden=h, intervention_stats=stats)
 
     def _input_embeddings(self, tokens: jax.Array, embeds: jax.Array | None) -> jax.Array:
         """The residual stream entering layer 0: ``embeds`` as given, else the table lookup (x sqrt(d) for Gemma)."""
@@ -140,7 +142,7 @@ class CausalLM(nnx.Module):
             "params": layer_params,
             "window": jnp.asarray(self.spec.windows, jnp.int32),
             "slot": jnp.asarray(capture_slots),
-            "proj": None if projector is None else (projector.basis, projector.offset),
+            "proj": None if projector is None else projector.layer_data(),
             "lora": lora,
             "rng": None if rng is None else jax.random.split(rng, n_layers),
             "cache": None if cache is None else (cache.k, cache.v),
@@ -165,24 +167,36 @@ def _layer_scan_body(
     cache: KVCache | None,
     capture: Capture | None,
     capture_delta: jax.Array | None,
-    ablate_site: str | None,
+    projector: Projector | None,
+    intervention_mask: jax.Array | None,
     lora_settings: LoraSettings | None,
     matmul_dtype,
 ):
-    """The ``jax.lax.scan`` body over decoder layers: ((h, captured), per-layer inputs) -> ((h, captured), new kv).
+    """The ``jax.lax.scan`` body over decoder layers: ((h, captured), per-layer inputs) -> ((h, captured), (new kv,
+    intervention stats)).
 
-    Per layer: the ablation at ``ablate_site``, then capture_delta, then the write of the captured activation into
-    its slot (layers without a slot keep the buffer unchanged).
+    Per layer: the intervention at the projector's site, then capture_delta, then the write of the captured
+    activation into its slot (layers without a slot keep the buffer unchanged).
     """
     mid_site = capture is not None and capture.site == "resid_mid"
+    site = projector.site if projector is not None else None
+    # Positions the monitor averages over: the real tokens the intervention acts on.
+    watched = attn_mask if intervention_mask is None else attn_mask & intervention_mask
+    stats = {}
+
+    def hook(r, x):
+        if x["proj"] is None:
+            return r
+        r, coefficients = intervene(r, x["proj"], intervention_mask, projector.gradient, matmul_dtype)
+        stats["value"] = projection_stats(coefficients, x["proj"][0], watched)
+        return r
 
     def body(carry, x):
         h, captured = carry
         layer = nnx.merge(layer_graph, x["params"])
-        ablate_hook = (lambda r: ablate(r, *x["proj"], matmul_dtype)) if x["proj"] is not None else (lambda r: r)
 
         def mid_hook(r):
-            r = ablate_hook(r) if ablate_site == "resid_mid" else r
+            r = hook(r, x) if site == "resid_mid" else r
             return _add_capture_delta(r, x["slot"], capture_delta) if mid_site else r
 
         layer_cache = None if cache is None else (*x["cache"], kv_valid, cache.index)
@@ -199,8 +213,8 @@ def _layer_scan_body(
             mid_hook=mid_hook,
             matmul_dtype=matmul_dtype,
         )
-        if ablate_site == "resid_post":
-            h = ablate_hook(h)
+        if site == "resid_post":
+            h = hook(h, x)
         if capture is not None and not mid_site:
             h = _add_capture_delta(h, x["slot"], capture_delta)
         h = constrain(h, "batch", None, None)
@@ -209,9 +223,18 @@ def _layer_scan_body(
             slot = jnp.maximum(x["slot"], 0)
             keep = jnp.where(x["slot"] >= 0, value.astype(captured.dtype), captured[slot])
             captured = jax.lax.dynamic_update_index_in_dim(captured, keep, slot, 0)
-        return (h, captured), new_cache
+        return (h, captured), (new_cache, stats.pop("value", None))
 
     return body
+
+
+def projection_stats(coefficients: jax.Array, basis: jax.Array, watched: jax.Array) -> jax.Array:
+    """[mean, max] of |(h - mu) . q| over the watched positions and the layer's directions (zero-padded basis
+    columns left out): what the ablation removes, and whether the model routes around it. Float32 [2]."""
+    active = jnp.any(basis != 0, axis=0).astype(jnp.float32)  # [k]
+    weight = watched.astype(jnp.float32)[..., None] * active  # [b, t, k]
+    size = jnp.abs(coefficients) * weight
+    return jnp.stack([jnp.sum(size) / jnp.maximum(jnp.sum(weight), 1.0), jnp.max(size)])
 
 
 @flax.struct.dataclass
@@ -258,12 +281,15 @@ class Capture:
 @flax.struct.dataclass
 class ForwardOutput:
     """logits [b, t, V] float32 (None when logits=False); cache (KVCache or None); captured [n, b, t, d] or None;
-    hidden [b, t, d]: the last layer's residual stream (after any ablation there), before the final norm."""
+    hidden [b, t, d]: the last layer's residual stream (after any ablation there), before the final norm;
+    intervention_stats [n_layers, 2] float32 (mean, max |(h - mu) . q| before the intervention; None without a
+    projector)."""
 
     logits: jax.Array | None
     cache: KVCache | None
     captured: jax.Array | None
     hidden: jax.Array | None = None
+    intervention_stats: jax.Array | None = None
 
 
 def head_logits(h: jax.Array, final_norm: jax.Array, head: jax.Array, spec: ModelSpec, matmul_dtype) -> jax.Array:
@@ -369,6 +395,7 @@ def forward(
     embeds: jax.Array | None = None,
     capture_delta: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    intervention_mask: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder. Pure: call it under ``jax.jit`` (see ``jit_forward``) or inside a jitted step.
 
@@ -377,7 +404,8 @@ def forward(
       tokens: [b, t] int32 token ids (left-padded batches: padding first).
       attn_mask: [b, t] bool, True for real tokens (default: all True).
       positions: [b, t] rotary position ids (default: from attn_mask; required with a cache after prefill).
-      projector: concept-ablation projector (traced; a new value never recompiles); None runs the plain model.
+      projector: the training-time intervention (concept ablation, steering; traced, so a new value never
+        recompiles); None runs the plain model.
       lora: LoRA weights {"attn"|"mlp": {kernel: {"a": [L, in, r], "b": [L, r, out]}}}, or None.
       lora_settings: static LoRA scale / dropout (required with lora).
       cache: KVCache to read and extend (generation), or None.
@@ -394,6 +422,8 @@ def forward(
       segment_ids: [b, t] int32 for packed rows (``data.make_packed_batches``): tokens attend only to earlier
         tokens of their own segment and positions restart at each segment (default: from the segment ids), so
         each packed example computes what it computes alone. 0 marks padding (with attn_mask False). No cache.
+      intervention_mask: [b, t] bool positions the projector acts on (default: all; see
+        ``caft_jax.projector.POSITIONS`` for the rule the train step builds it with).
     Returns:
       ForwardOutput(logits [b, t, V] float32, cache, captured [n, b, t, d]).
     """
@@ -427,6 +457,7 @@ def forward(
         capture_delta=capture_delta,
         segment_ids=segment_ids,
         matmul_dtype=model.matmul_dtype,
+        intervention_mask=None if intervention_mask is None else intervention_mask.astype(bool),
     )
 
 

@@ -7,7 +7,8 @@ Steps (each writes its result before the next starts; a rerun with --resume skip
      concept directions), displays, and selection (probe-guided by default, or a selection file);
   4. plain fine-tunes of the other seeds, CAFT fine-tunes with the selected directions, and the random-direction
      baseline (as many random orthonormal directions per layer), each evaluated in distribution (val) and out of
-     distribution (test), the CAFT and random runs also with the ablation kept at test time;
+     distribution (test), the CAFT and random runs also with the ablation kept at test time; --conditions adds the
+     family's variants (caft_detached, caft_gradient_only, steer: its coefficient chosen on val with seed 0);
   5. results.md / results.csv / results.png, printed as a table.
 
 The fine-tuning recipe is train.py's (same keys, validation and defaults): the `train:` section of --config and
@@ -24,7 +25,7 @@ import dataclasses
 import time
 
 from caft_jax.cli.handler import guarded
-from caft_jax.pipeline.config import RECIPE_FLAGS, PipelineConfig, read_yaml_settings, resolve
+from caft_jax.pipeline.config import CONDITIONS, RECIPE_FLAGS, PipelineConfig, read_yaml_settings, resolve
 
 QUICK = {"seeds": 1, "n_train": 64, "n_eval": 100, "displays": 4}
 
@@ -88,6 +89,11 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
     add("--n-components", type=int, help=f"pca: components per layer (default {defaults.n_components})")
     add("--mean-ablation", action=argparse.BooleanOptionalAction, help="project to the mean instead of zero")
     add("--displays", type=int, help="features shown in displays.html (default 8)")
+    add(
+        "--conditions",
+        help=f"comma-separated, from {', '.join(CONDITIONS)} (default {defaults.conditions}); plain comes first",
+    )
+    add("--steer-coeffs", help=f"steer: coefficients tried on the validation split (default {defaults.steer_coeffs})")
     return p
 
 

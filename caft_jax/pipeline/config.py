@@ -16,8 +16,12 @@ import yaml
 from caft_jax.config import TrainConfig, apply_overrides, config_from_dict, config_to_dict
 from caft_jax.errors import ConfigError
 
-# The fine-tuning conditions every seed runs, in the order of the results table.
-CONDITIONS = ("plain", "caft", "random")
+# The fine-tuning conditions a seed may run, in the order of the results table: plain fine-tuning, CAFT, the
+# random-direction baseline, and the family's variants with the same directions: CAFT with a detached projection
+# (ablated forward, unprojected gradient), gradient-only ablation (plain forward, projected gradient), and
+# preventative steering (add c times the direction, c searched on the validation split).
+CONDITIONS = ("plain", "caft", "random", "caft_detached", "caft_gradient_only", "steer")
+DEFAULT_CONDITIONS = "plain,caft,random"
 
 TASKS = ("gender", "mcmc")
 DIRECTION_METHODS = ("concept", "pca")
@@ -88,6 +92,8 @@ class PipelineConfig:
     n_components: int = 20
     mean_ablation: bool = False
     displays: int = 8
+    conditions: str = DEFAULT_CONDITIONS
+    steer_coeffs: str = "4,16,64"
     train: TrainConfig = dataclasses.field(default_factory=default_recipe)
 
     def check(self) -> PipelineConfig:
@@ -101,10 +107,33 @@ class PipelineConfig:
         for name in ("n_train", "n_eval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (all) or a positive count; got {getattr(self, name)}.")
+        conditions = self.condition_list()
+        if conditions[0] != "plain":
+            raise ConfigError("conditions must start with plain: its seed-0 fine-tune is where discovery runs.")
+        self.steer_coefficients()
         if self.selection_file and self.directions != "pca":
             raise ConfigError("a selection file picks PCs by id; use it with --directions pca.")
         parse_layers(self.layers)
         return self
+
+    def condition_list(self) -> list[str]:
+        names = [c.strip() for c in self.conditions.split(",") if c.strip()]
+        unknown = sorted(set(names) - set(CONDITIONS))
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"conditions {self.conditions!r} must be distinct names among {', '.join(CONDITIONS)}; "
+                f"got {unknown or names}."
+            )
+        return names
+
+    def steer_coefficients(self) -> list[float]:
+        try:
+            values = [float(c) for c in self.steer_coeffs.split(",") if c.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise ConfigError(f"steer_coeffs {self.steer_coeffs!r} must be numbers like 4,16,64.")
+        return values
 
     def experiment(self) -> dict:
         """The values that define the results (not where they go): a resumed run must match these."""

@@ -11,7 +11,7 @@ from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError
 from caft_jax.jsonio import read_json, read_jsonl, write_json, write_jsonl
 from caft_jax.pipeline import directions as D
-from caft_jax.pipeline.config import CONDITIONS, PipelineConfig, parse_layers
+from caft_jax.pipeline.config import PipelineConfig, parse_layers
 from caft_jax.pipeline.report import markdown_table, write_report
 from caft_jax.pipeline.runs import accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
@@ -160,14 +160,28 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
     return summary
 
 
-def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None):
-    """The CAFT projector from folder/spec.safetensors, or (random_seed) as many random orthonormal directions."""
+# How each condition intervenes with the discovered directions (random: as many random orthonormal ones).
+INTERVENTIONS = {
+    "caft": {},
+    "random": {},
+    "caft_detached": {"gradient": "detached"},
+    "caft_gradient_only": {"gradient": "gradient_only"},
+    "steer": {"strength": 0.0},  # no ablation: steering only, with the searched coefficient
+}
+
+
+def load_projector(
+    folder: pathlib.Path, spec, *, random_seed: int | None = None, condition: str = "caft", steer_coeff: float = 0.0
+):
+    """The condition's projector from folder/spec.safetensors, or (random_seed) as many random orthonormal
+    directions."""
     from caft_jax.ablation_spec import check_ablation_spec, projector_from_spec
     from caft_jax.discovery.select import random_orthonormal
 
     path = folder / "spec.safetensors"
     if random_seed is None:
-        return projector_from_spec(path, spec.n_layers, spec.d_model)
+        steering = {"steer_coeff": steer_coeff} if condition == "steer" else {}
+        return projector_from_spec(path, spec.n_layers, spec.d_model, **INTERVENTIONS[condition], **steering)
     directions, means, _ = check_ablation_spec(path, n_layers=spec.n_layers, d_model=spec.d_model)
     counts = {layer: len(d) for layer, d in directions.items()}
     random = random_orthonormal(spec.d_model, counts, seed=random_seed).directions
@@ -179,6 +193,11 @@ def load_projector(folder: pathlib.Path, spec, *, random_seed: int | None = None
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Settings a resume may change: each run depends on its own condition only, so conditions can be added to (or left
+# out of) a finished run folder without redoing the others.
+RESUME_MAY_CHANGE = ("conditions",)
+
+
 def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: bool) -> pathlib.Path:
     """The run folder, under the run-directory contract (caft_jax.rundir): refused when it holds another run
     unless ``resume`` (whose manifest must match this request) or ``overwrite``."""
@@ -188,7 +207,7 @@ def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: 
     manifest = rundir.build_manifest(cfg.experiment(), path, inputs=cfg.inputs())
     rundir.prepare(out, resume=resume, overwrite=overwrite)
     if resume:
-        rundir.check_resume(out, manifest)
+        rundir.check_resume(out, manifest, ignore=RESUME_MAY_CHANGE)
     rundir.write_manifest(out, manifest)
     return out
 
@@ -224,12 +243,13 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     log(f"base model: val {base['val']:.3f}, test {base['test']:.3f}")
     discovery = out / "directions"
     rows = []
+    runs = (cfg, model, tokenizer, train, val, test, layers, discovery, log)
     for seed in range(cfg.seeds):
-        for condition in CONDITIONS:
+        for condition in cfg.condition_list():
             path = out / "runs" / f"{condition}_seed{seed}.json"
             row = read_json(path)
             if row is None:
-                row = _one_run(cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log)
+                row = condition_run(runs, condition, seed, out / "runs")
                 write_json(path, row)
             log(
                 f"{condition:>6} seed {seed}: val {row['val']:.3f}, test {row['test']:.3f}"
@@ -245,12 +265,49 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     return {"rows": rows, "table": markdown_table(rows, base=base, erasure=erasure), "paths": paths}
 
 
-def _one_run(cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log) -> dict:
+def condition_run(runs: tuple, condition: str, seed: int, folder: pathlib.Path) -> dict:
+    """One condition and seed; steering first searches its coefficient (whose seed-0 run is reused)."""
+    if condition != "steer":
+        return _one_run(*runs[:1], condition, seed, *runs[1:])
+    coeff = steer_search(runs, folder)
+    searched = read_json(folder / f"steer_c{coeff:g}_seed0.json") if seed == 0 else None
+    return searched or _one_run(*runs[:1], condition, seed, *runs[1:], steer_coeff=coeff)
+
+
+def steer_search(runs: tuple, folder: pathlib.Path) -> float:
+    """The steering coefficient with the best validation accuracy (seed 0; ties: the smallest |c|), each tried
+    once: runs/steer_c<c>_seed0.json, the choice in runs/steer_search.json. The test split is never looked at."""
+    cfg = runs[0]
+    found = read_json(folder / "steer_search.json")
+    if found is not None:
+        return float(found["chosen"])
+    tried = {}
+    for coeff in cfg.steer_coefficients():
+        path = folder / f"steer_c{coeff:g}_seed0.json"
+        row = read_json(path)
+        if row is None:
+            row = _one_run(*runs[:1], "steer", 0, *runs[1:], steer_coeff=coeff)
+            write_json(path, row)
+        tried[coeff] = row["val"]
+        runs[-1](f" steer search: c = {coeff:g}: val {row['val']:.3f}")
+    chosen = max(tried, key=lambda c: (tried[c], -abs(c)))
+    write_json(
+        folder / "steer_search.json", {"val_accuracy": {f"{c:g}": v for c, v in tried.items()}, "chosen": chosen}
+    )
+    return chosen
+
+
+def _one_run(
+    cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log, steer_coeff: float = 0.0
+) -> dict:
     projector = None
     if condition != "plain":
         if not (discovery / "spec.safetensors").is_file():
             raise ConfigError(f"{discovery}/spec.safetensors is missing; the plain seed-0 run makes it. Rerun.")
-        projector = load_projector(discovery, model.spec, random_seed=1000 + seed if condition == "random" else None)
+        random_seed = 1000 + seed if condition == "random" else None
+        projector = load_projector(
+            discovery, model.spec, random_seed=random_seed, condition=condition, steer_coeff=steer_coeff
+        )
     recipe = cfg.train
     trainable, info = finetune(model, tokenizer, train, recipe, seed=seed, projector=projector, desc=condition)
     if condition == "plain" and not (discovery / "selection.json").is_file():
@@ -258,6 +315,8 @@ def _one_run(cfg, condition, seed, model, tokenizer, train, val, test, layers, d
         summary = discover(cfg, model, tokenizer, train, val, trainable, layers, discovery)
         log(f"discovery: {summary['counts']}; erasure check {summary['erasure']}")
     row = {"condition": condition, "seed": seed, **info}
+    if condition == "steer":
+        row["steer_coeff"] = steer_coeff
     row["val"] = accuracy(model, tokenizer, val, trainable, recipe)
     row["test"] = accuracy(model, tokenizer, test, trainable, recipe)
     row["test_kept"] = (
