@@ -14,7 +14,9 @@ bases with zero-padded columns, [n_layers] strengths, ...), so that
 
 * a layer without directions or steering has Q = 0 and c = 0 and the update is exactly h (an exact no-op), and
 * one set of arrays serves the scanned layer stack; new directions, strengths, coefficients and masks are new
-  values of the same shapes, so they never trigger a recompile.
+  values of the same shapes, so they never trigger a recompile. (A projector with strength 1 everywhere and no
+  steering, CAFT's, carries no strength or steering arrays at all, so it computes exactly the two-array update;
+  a sweep that includes those defaults compiles once more for them.)
 
 What changes the program is static: the site, the token rule, and the gradient mode:
 
@@ -189,14 +191,18 @@ def build_projector(
     for layer, b in bases.items():
         basis[layer, :, : b.shape[1]] = b
     offset = _vectors(means, n_layers, d_model, "Mean offset")
+    alphas = _per_layer(strength, n_layers, "strength")
     steer_vectors = _vectors(steer, n_layers, d_model, "Steering vector")
     coeff = _per_layer(steer_coeff, n_layers, "steer_coeff") * (np.abs(steer_vectors).sum(1) > 0)
+    steering = bool(np.any(coeff))
+    # Strength 1 everywhere and no steering (CAFT) carry neither field: XLA:CPU fuses even a multiplication by an
+    # all-ones array differently (final losses move in the 7th digit), and CAFT's numbers must not change.
     return Projector(
         basis=jnp.asarray(basis, dtype),
         offset=jnp.asarray(offset, dtype),
-        strength=jnp.asarray(_per_layer(strength, n_layers, "strength"), jnp.float32),
-        steer=jnp.asarray(steer_vectors, dtype),
-        steer_coeff=jnp.asarray(coeff, jnp.float32),
+        strength=None if np.all(alphas == 1) else jnp.asarray(alphas, jnp.float32),
+        steer=jnp.asarray(steer_vectors, dtype) if steering else None,
+        steer_coeff=jnp.asarray(coeff, jnp.float32) if steering else None,
         site=site,
         gradient=gradient,
         positions=positions,
