@@ -60,6 +60,15 @@ def _model_and_tokenizer(args):
     return load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
 
 
+def _adapter(args, model):
+    """(lora, lora_settings) of --adapter on the model, or (None, None) without one."""
+    if not args.adapter:
+        return None, None
+    from caft_jax.cli.common import load_adapter
+
+    return load_adapter(args.adapter, model)
+
+
 def _training_batches(args, tokenizer):
     """Batches of the discovery data: chat JSONL (answer tokens) or multiple-choice JSONL (prompt + letter)."""
     from caft_jax import data
@@ -299,11 +308,7 @@ def cmd_persona(args) -> int:
     layers = _checked_layers(args, _layers(args.layers))
     out = _claim(args, "persona.safetensors", "persona_answers.jsonl")
     model, tokenizer = _model_and_tokenizer(args)
-    lora = lora_settings = None
-    if args.adapter:
-        from caft_jax.cli.common import load_adapter
-
-        lora, lora_settings = load_adapter(args.adapter, model)
+    lora, lora_settings = _adapter(args, model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=True)
     answers, chats = [], {"pos": [], "neg": []}
     for pair_index, pair in enumerate(pairs):
@@ -354,11 +359,7 @@ def cmd_screen(args) -> int:
     _checked_layers(args, [layer])
     out = _claim(args, *OUTPUTS)
     model, tokenizer = _model_and_tokenizer(args)
-    lora = lora_settings = None
-    if args.adapter:
-        from caft_jax.cli.common import load_adapter
-
-        lora, lora_settings = load_adapter(args.adapter, model)
+    lora, lora_settings = _adapter(args, model)
     records = data.load_chat_jsonl(args.data) if args.format == "chat" else data.load_mc_jsonl(args.data)
     records = records[: args.limit] if args.limit else records
     scores = projection_scores(
