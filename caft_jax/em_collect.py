@@ -6,7 +6,9 @@ to chunk (derived from the chunk's first (question, sample), so a resumed run do
 streams), and a dict result carries ``"text"`` (and optionally ``"finish_reason"``).
 
 Each answer is judged once per judge prompt of its question with the authors' judge call (`JUDGE_KWARGS`: one
-completion token, temperature 0, top_logprobs 20, seed 0, score = `score_0_100`).
+completion token, temperature 0, top_logprobs 20, seed 0, score = `score_0_100`), or, with ``scoring="text"``,
+with a greedy answer of a few tokens whose leading number is the score (`score_text_0_100`: for judges whose
+tokenizer splits numbers into digits).
 
 Resume: answers go to ``answers.jsonl`` chunk by chunk as they are sampled and judge scores to ``scores.jsonl`` as
 each judge call returns, while judging overlaps sampling. A rerun with the same ``out_dir`` reads both files and
@@ -28,7 +30,7 @@ from typing import Any
 
 from caft_jax.em_questions import Question
 from caft_jax.errors import CaftError
-from caft_jax.llm_client import ChatClient, JudgeError, score_0_100
+from caft_jax.llm_client import ChatClient, JudgeError, score_0_100, score_text_0_100
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ __all__ = ["WorkItem", "work_items", "collect", "Sampler", "JUDGE_KWARGS"]
 
 #: the authors' judge call: one token, greedy, 20 top logprobs, seed 0
 JUDGE_KWARGS = {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 20, "seed": 0}
+#: how a judge answer becomes a score: (request kwargs, reader of the completion dict)
+JUDGE_SCORING = {
+    "logprob": (JUDGE_KWARGS, lambda res: score_0_100(res["top_logprobs"])),
+    "text": ({"max_tokens": 4, "temperature": 0.0, "seed": 0}, lambda res: score_text_0_100(res["content"])),
+}
 
 Sampler = Callable[..., list[Any]]  # sampler(batch: list[list[dict]], *, seed: int) -> list[str | dict]
 
@@ -180,8 +187,14 @@ class _Judging:
         scores: dict[tuple, dict],
         items: Sequence[WorkItem],
         progress: bool,
+        scoring: str = "logprob",
     ):
+        if scoring not in JUDGE_SCORING:
+            raise CaftError(f"Unknown judge scoring {scoring!r}; choose one of {sorted(JUDGE_SCORING)}.")
         self.client, self.scores_log, self.scores = client, scores_log, scores
+        self.request_kwargs, self.read_score = JUDGE_SCORING[scoring]
+        # scores of the two forms are different measurements: they are saved (and resumed) under different names
+        self.judge = client.model if scoring == "logprob" else f"{client.model} (text score)"
         self.lock = threading.Lock()
         self.failures: list[BaseException] = []
         self.broken = threading.Event()
@@ -190,7 +203,7 @@ class _Judging:
         self.pool = ThreadPoolExecutor(max_workers=client.max_concurrency, thread_name_prefix="judge")
 
     def key(self, it: WorkItem, metric: str, template: str) -> tuple:
-        return _score_key(it.question_id, it.sample_index, metric, template, self.client.model)
+        return _score_key(it.question_id, it.sample_index, metric, template, self.judge)
 
     def n_done(self, items: Sequence[WorkItem]) -> int:
         """How many judgements of `items` have a saved score."""
@@ -207,7 +220,7 @@ class _Judging:
             return
         prompt = template.format(question=it.question, answer=answer)
         try:
-            res = self.client.complete([{"role": "user", "content": prompt}], **JUDGE_KWARGS)
+            res = self.client.complete([{"role": "user", "content": prompt}], **self.request_kwargs)
         except Exception as e:  # noqa: BLE001 - reported after the run, the rest keeps going
             with self.lock:
                 self.failures.append(e)
@@ -217,9 +230,9 @@ class _Judging:
             "question_id": it.question_id,
             "sample_index": it.sample_index,
             "metric": metric,
-            "score": score_0_100(res["top_logprobs"]),
+            "score": self.read_score(res),
             "content": res["content"],
-            "judge": self.client.model,
+            "judge": self.judge,
             "prompt_sha": _prompt_sha(template),
         }
         self.scores_log.append([rec])
@@ -321,6 +334,7 @@ def collect(
     *,
     chunk_size: int = 32,
     progress: bool = True,
+    scoring: str = "logprob",
 ) -> list[dict]:
     """Sample the missing answers and judge the missing scores of `items`, resuming from `out_dir`.
 
@@ -339,7 +353,7 @@ def collect(
     answers_log = _JsonlLog(out / "answers.jsonl")
     scores_log = _JsonlLog(out / "scores.jsonl")
     answers = _saved_answers(answers_log, items)
-    judging = _Judging(client, scores_log, _saved_scores(scores_log), items, progress)
+    judging = _Judging(client, scores_log, _saved_scores(scores_log), items, progress, scoring)
 
     todo = [it for it in items if (it.question_id, it.sample_index) not in answers]
     sample_bar = _progress(len(items), "sample", progress, initial=len(items) - len(todo))

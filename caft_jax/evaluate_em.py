@@ -43,6 +43,7 @@ def run_em_eval(
     use_system: bool = True,
     chunk_size: int = 32,
     progress: bool = True,
+    scoring: str = "logprob",
 ) -> dict:
     """Sample, judge (``aligned`` and ``coherent``) and aggregate; returns `em_metrics` plus ``records``."""
     for q in questions:
@@ -50,7 +51,7 @@ def run_em_eval(
         if missing:
             raise DataError(f"Question {q.id!r} lacks the judge prompt(s) {sorted(missing)} the EM metric needs.")
     items = work_items(questions, samples, use_system)
-    records = collect(items, sampler, client, out_dir, chunk_size=chunk_size, progress=progress)
+    records = collect(items, sampler, client, out_dir, chunk_size=chunk_size, progress=progress, scoring=scoring)
     return {**em_metrics(records), "records": records}
 
 
@@ -64,12 +65,14 @@ def run_code_eval(
     metric: str = "vulnerable",
     chunk_size: int = 32,
     progress: bool = True,
+    scoring: str = "logprob",
 ) -> dict:
     """One answer per coding prompt, judged with ``judge_prompts[metric]``; returns `code_metrics` plus records."""
     if metric not in judge_prompts:
         raise DataError(f"The coding judge prompts lack {metric!r}; found {sorted(judge_prompts)}.")
     questions = code_questions(prompts, {metric: judge_prompts[metric]})
-    records = collect(work_items(questions), sampler, client, out_dir, chunk_size=chunk_size, progress=progress)
+    items = work_items(questions)
+    records = collect(items, sampler, client, out_dir, chunk_size=chunk_size, progress=progress, scoring=scoring)
     return {"overall": code_metrics(records, metric), "records": records}
 
 

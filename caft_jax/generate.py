@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caft_jax.batching import PROMPT_BUCKETS, left_pad
+from caft_jax.batching import PROMPT_BUCKETS, Bucketer, left_pad
 from caft_jax.chat import render_prompt
 from caft_jax.errors import CaftError
 from caft_jax.model.layers import LoraSettings
 from caft_jax.model.transformer import KVCache, Model, default_positions, forward
 from caft_jax.projector import Projector
 
-MODES = ("greedy", "sample", "top_p")
+# OpenAI's limit on top_logprobs; the server records this many whenever a batch asks for any
+MAX_TOP_LOGPROBS = 20
 
 
 class GenerationError(CaftError):
@@ -80,11 +81,12 @@ class SamplingConfig:
 
 
 def nucleus_logits(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set logits outside each row's top-p nucleus to -inf. logits [b, V] float32 -> [b, V].
+    """Set logits outside each row's top-p nucleus to -inf. logits [b, V] float32, top_p scalar or [b] -> [b, V].
 
     The nucleus is the most likely tokens, in order, up to and including the one whose cumulative probability
     first reaches top_p (as transformers' TopPLogitsWarper); the most likely token is always kept.
     """
+    top_p = jnp.reshape(top_p, (-1, 1))  # [1 or b, 1]
     desc = -jnp.sort(-logits, axis=-1)  # [b, V] descending
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -94,24 +96,43 @@ def nucleus_logits(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def select_tokens(
-    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: jax.Array
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: jax.Array
 ) -> jax.Array:
-    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys, mode scalar int32 (index into MODES).
+    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys; temperature (> 0), top_p and greedy
+    (bool) are per row [b], so requests with different settings share one batch and one compiled program.
 
-    The mode is traced and picked with ``lax.switch``, so greedy and sampled runs share one compiled program and only
-    the chosen branch runs (the nucleus branch sorts the vocabulary every step; the others do not). Returns [b] int32.
+    Only what some row needs runs: a batch of greedy rows takes the argmax alone, and the nucleus sort (over the
+    whole vocabulary, every step) runs only when some sampled row has top_p < 1. Returns [b] int32.
     """
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def greedy(lg):
-        return jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    def sampled(lg):
+        scaled = lg / temperature[:, None]
+        needs_nucleus = ~greedy & (top_p < 1.0)
+        scaled = jax.lax.cond(
+            jnp.any(needs_nucleus),
+            lambda x: jnp.where(needs_nucleus[:, None], nucleus_logits(x, top_p), x),
+            lambda x: x,
+            scaled,
+        )
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(greedy, argmax, drawn)
 
-    def sample(lg):
-        return jax.vmap(jax.random.categorical)(keys, lg / temperature).astype(jnp.int32)
+    return jax.lax.cond(jnp.all(greedy), lambda lg: argmax, sampled, logits)
 
-    def nucleus(lg):
-        return jax.vmap(jax.random.categorical)(keys, nucleus_logits(lg / temperature, top_p)).astype(jnp.int32)
 
-    return jax.lax.switch(mode, (greedy, sample, nucleus), logits)
+def token_logprobs(logits: jax.Array, chosen: jax.Array, k: int) -> dict[str, jax.Array]:
+    """Log-probabilities of the model's distribution (before temperature or top-p, as OpenAI reports them).
+
+    logits [b, V] float32, chosen [b] int32 -> {"logprob": [b], "top_ids": [b, k] int32, "top_logprobs": [b, k]}.
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logp, k)
+    return {
+        "logprob": jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0],
+        "top_ids": top_ids.astype(jnp.int32),
+        "top_logprobs": top_logprobs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ def select_tokens(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("lora_settings", "max_new_tokens", "record_logits"),
+    static_argnames=("lora_settings", "max_new_tokens", "record_logits", "top_logprobs"),
     donate_argnames=("cache",),
 )
 def generate_tokens(
@@ -135,13 +156,15 @@ def generate_tokens(
     pad_id: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
-    mode: jax.Array,
+    greedy: jax.Array,
+    limits: jax.Array,
     projector: Projector | None = None,
     lora: dict | None = None,
     lora_settings: LoraSettings | None = None,
     *,
     max_new_tokens: int,
     record_logits: bool = False,
+    top_logprobs: int | None = None,
 ) -> dict[str, jax.Array]:
     """Prefill a left-padded prompt batch and decode until every row stops.
 
@@ -156,16 +179,19 @@ def generate_tokens(
         decodes in one buffer instead of allocating a cache per batch.
       eos_ids: [n_eos] int32 stop tokens (-1 entries match nothing).
       pad_id: scalar int32 written after a row stops.
-      temperature, top_p: float32 scalars; mode: int32 scalar, the index of "greedy" | "sample" | "top_p" in MODES.
-        All three are traced: changing them does not recompile.
+      temperature, top_p: [b] float32 (temperature > 0); greedy: [b] bool; limits: [b] int32, each row's own
+        token budget (<= max_new_tokens). All traced, per row: changing them does not recompile.
       projector, lora, lora_settings: as in ``forward``; the same values act in prefill and in every decode step.
-      max_new_tokens, record_logits: static.
+      max_new_tokens, record_logits, top_logprobs: static. ``top_logprobs`` k (0..20) records each chosen token's
+        log-probability and the k most likely tokens of every step; None records neither.
     Returns:
       {"tokens": [b, max_new_tokens] int32 (pad after a row stops; the EOS itself is kept),
        "lengths": [b] int32 generated tokens per row (EOS included),
        "stopped": [b] bool, True where the row emitted an EOS,
        "cache": the KVCache buffers, to donate to the next call of the same shape,
-       "logits": [b, max_new_tokens, V] float32 logits each token was chosen from (only with record_logits)}.
+       "logits": [b, max_new_tokens, V] float32 logits each token was chosen from (only with record_logits),
+       "logprob": [b, max_new_tokens], "top_ids" [b, max_new_tokens, k] int32, "top_logprobs" [b, max_new_tokens, k]
+         (only with top_logprobs)}.
     """
     b = tokens.shape[0]
     adapters = dict(projector=projector, lora=lora, lora_settings=lora_settings)
@@ -195,6 +221,11 @@ def generate_tokens(
     }
     if record_logits:
         state["logits"] = jnp.zeros((b, max_new_tokens, model.spec.vocab_size), jnp.float32)
+    if top_logprobs is not None:
+        k = top_logprobs
+        state["logprob"] = jnp.zeros((b, max_new_tokens), jnp.float32)
+        state["top_ids"] = jnp.zeros((b, max_new_tokens, k), jnp.int32)
+        state["top_logprobs"] = jnp.zeros((b, max_new_tokens, k), jnp.float32)
 
     def cond(s):
         return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
@@ -211,7 +242,7 @@ def generate_tokens(
         )
         logits = out.logits[:, 0]  # [b, V]
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        chosen = select_tokens(logits, step_keys, temperature, top_p, mode)
+        chosen = select_tokens(logits, step_keys, temperature, top_p, greedy)
         new = {
             "step": step + 1,
             "cache": out.cache,
@@ -224,16 +255,21 @@ def generate_tokens(
         new["out"] = jax.lax.dynamic_update_slice(s["out"], emitted[:, None], (0, step))
         new["lengths"] = s["lengths"] + live.astype(jnp.int32)
         new["stopped"] = s["stopped"] | is_eos
-        new["done"] = s["done"] | is_eos
+        new["done"] = s["done"] | is_eos | (new["lengths"] >= limits)
         if record_logits:
             new["logits"] = jax.lax.dynamic_update_slice(s["logits"], logits[:, None], (0, step, 0))
+        if top_logprobs is not None:
+            for name, value in token_logprobs(logits, chosen, top_logprobs).items():
+                at = (0, step) + (0,) * (value.ndim - 1)
+                new[name] = jax.lax.dynamic_update_slice(s[name], value[:, None], at)
         return new
 
     final = jax.lax.while_loop(cond, body, state)
     result = {k: final[k] for k in ("lengths", "stopped", "cache")}
     result["tokens"] = final["out"]
-    if record_logits:
-        result["logits"] = final["logits"]
+    for name in ("logits", "logprob", "top_ids", "top_logprobs"):
+        if name in final:
+            result[name] = final[name]
     return result
 
 
@@ -271,7 +307,7 @@ def stop_token_ids(model: Model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _pad_id(model: Model, tokenizer) -> int:
+def pad_id_for(model: Model, tokenizer) -> int:
     if tokenizer is not None:
         from caft_jax.data import pad_token_id
 
@@ -300,6 +336,111 @@ def _new_cache(model: Model, rows: int, max_len: int) -> KVCache:
     return cache
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One sequence to continue: its prompt ids, its sampling settings, and its PRNG stream (the row's key is
+    ``fold_in(key(sampling.seed), stream)``, so its sample depends on neither its batch nor its neighbours)."""
+
+    ids: Sequence[int]
+    sampling: SamplingConfig
+    stream: int = 0
+
+
+def _row_arrays(rows: Sequence[Row], width: int) -> dict[str, jax.Array]:
+    """Per-row sampling inputs of ``generate_tokens`` for ``rows``, padded with inactive greedy rows to ``width``."""
+    filler = Row((0,), SamplingConfig(max_new_tokens=1, greedy=True))
+    rows = list(rows) + [filler] * (width - len(rows))
+    seeds = jnp.asarray([r.sampling.seed for r in rows], jnp.uint32)
+    streams = jnp.asarray([r.stream for r in rows], jnp.uint32)
+    return {
+        "keys": jax.vmap(lambda seed, i: jax.random.fold_in(jax.random.key(seed), i))(seeds, streams),
+        "temperature": jnp.asarray([r.sampling.temperature or 1.0 for r in rows], jnp.float32),  # unused if greedy
+        "top_p": jnp.asarray([r.sampling.top_p for r in rows], jnp.float32),
+        "greedy": jnp.asarray([r.sampling.mode == "greedy" for r in rows]),
+        "limits": jnp.asarray([r.sampling.max_new_tokens for r in rows], jnp.int32),
+    }
+
+
+def generate_rows(
+    model: Model,
+    rows: Sequence[Row],
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    lora: dict | None = None,
+    lora_settings: LoraSettings | None = None,
+    projector: Projector | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    record_logits: bool = False,
+    top_logprobs: int | None = None,
+    new_token_buckets: Bucketer | None = None,
+    row_buckets: Bucketer | None = None,
+) -> list[dict]:
+    """Generate from token-id rows, each with its own sampling settings.
+
+    Rows are batched longest first (results keep input order). A batch decodes for its rows' largest
+    max_new_tokens, rounded up by ``new_token_buckets`` when given (a server mixing request sizes then compiles a
+    few programs), and each row stops at its own budget. Returns per row {"token_ids", "finish_reason"} plus
+    "logits" [n, V] with ``record_logits`` and "logprobs" [n], "top_ids" [n, k], "top_logprobs" [n, k] with
+    ``top_logprobs`` k. ``row_buckets`` rounds the batch width up (inactive rows fill it), so a server's batches of
+    3, 5 or 6 requests share one program.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be at least 1, got {batch_size}.")
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise GenerationError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}.")
+    width = min(batch_size, len(rows))
+    if row_buckets is not None:
+        width = row_buckets.length_for(width)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    results: list[dict | None] = [None] * len(rows)
+    cache = None
+    batches = _batches([len(r.ids) for r in rows], width)
+    for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        batch = [rows[i] for i in idx]
+        length = PROMPT_BUCKETS.length_for(max(len(r.ids) for r in batch))
+        max_new = max(r.sampling.max_new_tokens for r in batch)
+        if new_token_buckets is not None:
+            max_new = new_token_buckets.length_for(max_new)
+        tokens, mask = left_pad([r.ids for r in batch], width, length, pad_id)
+        if cache is None or cache.k.shape[2] != length + max_new:
+            cache = _new_cache(model, width, length + max_new)
+        out = generate_tokens(
+            model,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jnp.asarray(np.arange(width) < len(idx)),
+            cache=cache,
+            eos_ids=eos,
+            pad_id=jnp.int32(pad_id),
+            projector=projector,
+            lora=lora,
+            lora_settings=lora_settings,
+            max_new_tokens=max_new,
+            record_logits=record_logits,
+            top_logprobs=top_logprobs,
+            **_row_arrays(batch, width),
+        )
+        cache = out.pop("cache")
+        out = jax.device_get(out)
+        for r, i in enumerate(idx):
+            n = int(out["lengths"][r])
+            results[i] = {
+                "token_ids": [int(x) for x in out["tokens"][r, :n]],
+                "finish_reason": "stop" if out["stopped"][r] else "length",
+            }
+            if record_logits:
+                results[i]["logits"] = out["logits"][r, :n]
+            if top_logprobs is not None:
+                results[i]["logprobs"] = out["logprob"][r, :n]
+                results[i]["top_ids"] = out["top_ids"][r, :n]
+                results[i]["top_logprobs"] = out["top_logprobs"][r, :n]
+    return results
+
+
 def generate_ids(
     model: Model,
     prompt_ids: list[list[int]],
@@ -314,56 +455,19 @@ def generate_ids(
     progress: bool = True,
     record_logits: bool = False,
 ) -> list[dict]:
-    """Generate from token-id prompts. Returns per prompt {"token_ids", "finish_reason"[, "logits" [n, V]]}."""
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise GenerationError(f"batch_size must be at least 1, got {batch_size}.")
-    rows = min(batch_size, len(prompt_ids))
-    base_key = jax.random.key(cfg.seed)
-    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    scalars = dict(
-        pad_id=jnp.int32(pad_id),
-        temperature=jnp.float32(cfg.temperature or 1.0),  # unused when greedy; avoids dividing by 0
-        top_p=jnp.float32(cfg.top_p),
-        mode=jnp.int32(MODES.index(cfg.mode)),
+    """``generate_rows`` with one sampling config for every prompt; prompt i samples from stream i."""
+    return generate_rows(
+        model,
+        [Row(ids, cfg, i) for i, ids in enumerate(prompt_ids)],
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        lora=lora,
+        lora_settings=lora_settings,
+        projector=projector,
+        batch_size=batch_size,
+        progress=progress,
+        record_logits=record_logits,
     )
-    results: list[dict | None] = [None] * len(prompt_ids)
-    cache = None
-    batches = _batches([len(p) for p in prompt_ids], rows)
-    for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        length = PROMPT_BUCKETS.length_for(max(len(prompt_ids[i]) for i in idx))
-        tokens, mask = left_pad([prompt_ids[i] for i in idx], rows, length, pad_id)
-        row_valid = np.arange(rows) < len(idx)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(idx + [0] * (rows - len(idx))))
-        if cache is None or cache.k.shape[2] != length + cfg.max_new_tokens:
-            cache = _new_cache(model, rows, length + cfg.max_new_tokens)
-        out = generate_tokens(
-            model,
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            jnp.asarray(row_valid),
-            keys,
-            cache,
-            eos,
-            projector=projector,
-            lora=lora,
-            lora_settings=lora_settings,
-            max_new_tokens=cfg.max_new_tokens,
-            record_logits=record_logits,
-            **scalars,
-        )
-        cache = out.pop("cache")
-        out = jax.device_get(out)
-        for r, i in enumerate(idx):
-            n = int(out["lengths"][r])
-            results[i] = {
-                "token_ids": [int(x) for x in out["tokens"][r, :n]],
-                "finish_reason": "stop" if out["stopped"][r] else "length",
-            }
-            if record_logits:
-                results[i]["logits"] = out["logits"][r, :n]
-    return results
 
 
 def generate(
@@ -408,7 +512,7 @@ def generate(
         prompt_ids,
         cfg,
         eos_ids=eos,
-        pad_id=_pad_id(model, tokenizer),
+        pad_id=pad_id_for(model, tokenizer),
         lora=lora,
         lora_settings=lora_settings,
         projector=projector,

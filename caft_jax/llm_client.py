@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +31,7 @@ from caft_jax.errors import CaftError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatClient", "JudgeError", "score_0_100", "request_key"]
+__all__ = ["ChatClient", "JudgeError", "score_0_100", "score_text_0_100", "request_key"]
 
 #: placeholder sent as the key to local servers that need none (the `openai` package refuses an empty key)
 EMPTY_KEY_PLACEHOLDER = "EMPTY"
@@ -92,6 +93,19 @@ def score_0_100(top_logprobs: Any, min_mass: float = 0.25) -> float | None:
     if total < min_mass:
         return None
     return weighted / total
+
+
+def score_text_0_100(content: str | None) -> float | None:
+    """The integer 0..100 the judge's answer starts with (after spaces), or None.
+
+    For judges whose tokenizer splits numbers into digits (SmolLM2, Llama 2): their first token's logprobs only see
+    the first digit, so ``score_0_100`` would read "85" as 8. The text form reads the whole number instead (and
+    loses the probability weighting).
+    """
+    match = re.match(r"\s*(\d{1,3})(?!\d)", content or "")
+    if match is None or int(match.group(1)) > 100:
+        return None
+    return float(match.group(1))
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -341,6 +355,8 @@ class ChatClient:
         `on_result(index, result)` is called (from a worker thread, serialised by a lock) as each finishes. On a
         failure the remaining requests are cancelled and the `JudgeError` is raised, unless `return_exceptions`,
         in which case the failed slots hold the exception. Finished answers are in the cache either way.
+        Identical requests are sent once and share the answer, as the cache would give them anyway; deduplicating
+        up front makes that independent of which one finishes first.
         """
         reqs = [dict(r) for r in requests]
         for i, r in enumerate(reqs):
@@ -349,11 +365,14 @@ class ChatClient:
         results: list[Any] = [None] * len(reqs)
         if not reqs:
             return results
+        copies: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            copies.setdefault(json.dumps(r, sort_keys=True, default=str), []).append(i)
         cb_lock = threading.Lock()
         bar = _progress_bar(len(reqs), desc) if progress else None
 
-        def one(i: int) -> None:
-            r = dict(reqs[i])
+        def one(same: list[int]) -> None:
+            r = dict(reqs[same[0]])
             msgs = r.pop("messages")
             try:
                 res: Any = self.complete(msgs, **r)
@@ -361,16 +380,17 @@ class ChatClient:
                 if not return_exceptions:
                     raise
                 res = e
-            results[i] = res
             with cb_lock:
-                if on_result is not None and not isinstance(res, Exception):
-                    on_result(i, res)
+                for i in same:
+                    results[i] = res
+                    if on_result is not None and not isinstance(res, Exception):
+                        on_result(i, res)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(same))
 
         try:
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(reqs))) as pool:
-                futures = [pool.submit(one, i) for i in range(len(reqs))]
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(copies))) as pool:
+                futures = [pool.submit(one, same) for same in copies.values()]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 failed = [f for f in done if f.exception() is not None]
                 if failed:

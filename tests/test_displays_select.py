@@ -334,7 +334,9 @@ def test_autointerp_keeps_features_scoring_above_threshold(tmp_path, monkeypatch
         monkeypatch.setenv("FAKE_KEY", "sk-test")
         client = autointerp_client(api_key_env="FAKE_KEY", cache_path=tmp_path / "cache.jsonl")
         records = autointerp_scores(features, "Sports, e.g. football or tennis.", client)
-        assert len(server.requests) == 12  # explain + score, for the + and - side of each feature
+        # explain the + and - side of each feature (6); score each explanation (both sides of a feature are
+        # explained "mentions of <word>", so the 6 score requests are 3 distinct ones, each sent once)
+        assert len(server.requests) == 9
         assert all(r["model"] == "fake-explainer" for r in server.requests)
         assert server.auth_headers[0] == "Bearer sk-test"
     assert [(r["layer"], r["index"], r["sign"]) for r in records] == [

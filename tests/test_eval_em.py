@@ -522,3 +522,36 @@ def test_em_run_on_a_tiny_model(tmp_path, monkeypatch):
     assert len(answers) == 6 and all(a["finish_reason"] in ("stop", "length") for a in answers)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["overall"]["coherent_pct"] == 100.0 and res["overall"]["misaligned_pct_of_total"] == 0.0
+
+
+def fake_text_judge(req: dict):
+    """A judge that writes its number (as a digit-splitting model would have to): no logprobs requested."""
+    prompt = req["messages"][0]["content"]
+    assert req["max_tokens"] == 4 and "logprobs" not in req
+    field, word = ("A", "REFUSAL") if "how well aligned" in prompt.lower() else ("C", "N/A")
+    value = re.search(rf"\b{field}=([^;]*);", prompt).group(1)
+    return (word if value == "None" else f" {value} points"), None
+
+
+def test_text_scoring_reads_the_written_number_and_is_kept_apart(tmp_path):
+    """--judge-score text: the whole written number is the score; its scores never mix with logprob ones."""
+    _answer.counts = {}
+    qs = small_questions(3, 4)
+    with FakeOpenAI(fake_text_judge) as server:
+        client = ChatClient(server.base_url, "judge", api_key=KEY, max_concurrency=4)
+        res = run_em_eval(qs, ScriptedSampler(_answer), client, tmp_path, progress=False, scoring="text")
+    assert res["overall"] == em_metrics(expected_records(qs))["overall"]
+    assert {json.loads(line)["judge"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()} == {
+        "judge (text score)"
+    }
+    with pytest.raises(CaftError, match="Unknown judge scoring"):
+        run_em_eval(qs, ScriptedSampler(_answer), client, tmp_path / "x", progress=False, scoring="digits")
+
+
+@pytest.mark.parametrize(
+    "content, score",
+    [("85", 85.0), (" 100 points", 100.0), ("7", 7.0), ("0", 0.0), ("101", None), ("1000", None), ("REFUSAL", None),
+     ("", None), (None, None), ("about 40", None)],
+)  # fmt: skip
+def test_score_text_0_100(content, score):
+    assert llm_client.score_text_0_100(content) == score

@@ -144,8 +144,8 @@ def test_eos_stops_a_row_and_pads_after(tiny):
     tokens, mask = left_pad(PROMPTS, 2, PROMPT_BUCKETS.length_for(11), pad)
     out = generate_tokens(
         model, jnp.asarray(tokens), jnp.asarray(mask), jnp.ones(2, bool), jax.random.split(jax.random.key(0), 2),
-        _new_cache(model, 2, 16 + NEW), jnp.asarray([stop], jnp.int32), jnp.int32(pad), jnp.float32(1.0),
-        jnp.float32(1.0), jnp.int32(0), max_new_tokens=NEW,
+        _new_cache(model, 2, 16 + NEW), jnp.asarray([stop], jnp.int32), jnp.int32(pad), jnp.ones(2),
+        jnp.ones(2), jnp.ones(2, bool), jnp.full(2, NEW, jnp.int32), max_new_tokens=NEW,
     )  # fmt: skip
     out = jax.device_get({key: v for key, v in out.items() if key != "cache"})
     assert list(out["tokens"][0, : k + 1]) == free[0][: k + 1] and out["lengths"][0] == k + 1 and out["stopped"][0]

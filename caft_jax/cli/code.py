@@ -23,6 +23,7 @@ from caft_jax.cli.em import (
     chunk_size,
     fmt_pct,
     judge_api_key,
+    judge_settings,
     load_model_sampler,
     make_client,
     model_settings,
@@ -82,8 +83,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         "judge_prompts": str(_judge_prompts_path(args).resolve()),
         "limit": args.limit,
         **sampling_settings(args),
-        "judge_model": args.judge_model,
-        "judge_base_url": args.judge_base_url,
+        **judge_settings(args),
     }
     judge_api_key(args)
     chunk = chunk_size(args)
@@ -96,6 +96,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         out_dir,
         chunk_size=chunk,
         progress=not args.no_progress,
+        scoring=args.judge_score,
     )
     results = {"settings": settings, "overall": res["overall"]}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

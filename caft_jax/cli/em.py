@@ -52,6 +52,13 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
         default="OPENAI_API_KEY",
         help="name of the environment variable holding the judge API key (the key itself is never an argument)",
     )
+    g.add_argument(
+        "--judge-score",
+        default="logprob",
+        choices=["logprob", "text"],
+        help="logprob: the authors' probability-weighted number over the first token's top logprobs; text: the "
+        "number the judge writes (greedy, 4 tokens), for judges whose tokenizer splits numbers into digits (SmolLM2)",
+    )
     g.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight at once")
     g.add_argument("--judge-max-retries", type=int, default=5, help="retries on 429/5xx/connection errors")
     g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
@@ -94,6 +101,14 @@ def judge_api_key(args: argparse.Namespace) -> str:
             "--judge-base-url at a local server that needs no key."
         )
     return key
+
+
+def judge_settings(args: argparse.Namespace) -> dict:
+    """The judge's part of the manifest (the score form only when not the authors', so older runs still resume)."""
+    settings = {"judge_model": args.judge_model, "judge_base_url": args.judge_base_url}
+    if args.judge_score != "logprob":
+        settings["judge_score"] = args.judge_score
+    return settings
 
 
 def make_client(args: argparse.Namespace, out_dir: Path):
@@ -236,8 +251,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         "samples": args.samples,
         "system_prompts": not args.no_system_prompts,
         **sampling_settings(args),
-        "judge_model": args.judge_model,
-        "judge_base_url": args.judge_base_url,
+        **judge_settings(args),
     }
     judge_api_key(args)
     chunk = chunk_size(args)
@@ -251,6 +265,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         use_system=not args.no_system_prompts,
         chunk_size=chunk,
         progress=not args.no_progress,
+        scoring=args.judge_score,
     )
     results = {"settings": settings, "overall": res["overall"], "per_question": res["per_question"]}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

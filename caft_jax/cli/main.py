@@ -5,10 +5,12 @@
   caft discover  capture | pca | sae | display | select | check ...                 concept directions
   caft tasks     gender | mcmc | em ...                                             task data (JSONL)
   caft pipeline  [--quick] [--task gender|mcmc] ...                                 the whole method, resumable
+  caft serve     --model M [--adapter DIR] [--ablate SPEC] [--port 8000]             OpenAI-compatible server
+  caft lm-eval   --model caft_jax --model_args pretrained=M,adapter=DIR --tasks T     lm-evaluation-harness
   caft aot       --config X.yaml --topology v5e:2x4                                 TPU compile report
 
 `caft COMMAND --help` shows each command's options. `python train.py`, `python eval.py` and `python -m
-caft_jax.{pipeline,discover,tasks,aot}` are the same commands.
+caft_jax.{pipeline,discover,tasks,serve,aot}` are the same commands.
 """
 
 from __future__ import annotations
@@ -23,8 +25,13 @@ COMMANDS = {
     "discover": ("caft_jax.discovery.cli", "concept directions: capture, PCA, SAE, displays, selection"),
     "tasks": ("caft_jax.tasks.cli", "build task data: gender, double multiple choice, EM splits"),
     "pipeline": ("caft_jax.pipeline.cli", "the whole method on a multiple-choice task, resumable"),
+    "serve": ("caft_jax.serve.cli", "OpenAI-compatible HTTP server: base model, adapters, test-time ablation"),
+    "lm-eval": ("caft_jax.harness", "lm-evaluation-harness with the caft_jax model type (adapters, interventions)"),
     "aot": ("caft_jax.aot", "ahead-of-time compile report of the sharded train step for a TPU topology"),
 }
+
+# modules of optional extras -> what installs them
+OPTIONAL = {"lm_eval": "caft_jax[harness]"}
 
 
 def usage() -> str:
@@ -42,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}.\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name not in OPTIONAL:
+            raise
+        print(f"error: caft {name} needs {e.name}; install it with pip install '{OPTIONAL[e.name]}'.", file=sys.stderr)
+        return 2
     return module.main(rest, prog=f"caft {name}")
 
 

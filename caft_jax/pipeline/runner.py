@@ -194,8 +194,9 @@ def load_projector(
 
 
 # Settings a resume may change: each run depends on its own condition only, so conditions can be added to (or left
-# out of) a finished run folder without redoing the others.
-RESUME_MAY_CHANGE = ("conditions",)
+# out of) a finished run folder without redoing the others; the steering search keeps one result file per
+# coefficient and picks among the requested ones, so coefficients can be added too.
+RESUME_MAY_CHANGE = ("conditions", "steer_coeffs")
 
 
 def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: bool) -> pathlib.Path:

@@ -1,0 +1,271 @@
+"""`caft serve` against the real `openai` client: a server on 127.0.0.1 over a tiny chat model with an adapter
+and a test-time ablation, checked against `eval.py generate` and our own forward's log-softmax."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+from hf_models import save_chat_model
+
+from caft_jax import jit_forward, load_model
+from caft_jax.cli.evaluate import main as eval_main
+from caft_jax.serve import cli as serve_cli
+
+PROMPTS = ["Hello world", "how are you?", "print(1)", "I am fine", "Answer: A", "thank you"]
+NEW = 12
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(model dir, adapter dir, ablation spec) of a tiny ChatML llama."""
+    from caft_jax.ablation_spec import save_ablation_spec
+    from caft_jax.export import export_peft_adapter
+    from caft_jax.lora import LoraConfig, init_lora
+
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = save_chat_model(root / "model")
+    model = load_model(model_dir)
+    cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))
+    rng = np.random.default_rng(0)
+    lora = init_lora(model, cfg, seed=0)
+    for sub in lora.values():  # B = 0 would make the adapter a no-op
+        for ab in sub.values():
+            ab["b"] = jnp.asarray(rng.normal(size=ab["b"].shape) * 0.3, jnp.float32)
+    adapter = export_peft_adapter(lora, cfg, model.spec, root / "adapter")
+    spec = save_ablation_spec(root / "spec.safetensors", {1: rng.normal(size=(8, model.spec.d_model))})
+    return model_dir, adapter, spec
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    """A running server (in this process, so the test can read its engine); yields (base_url, engine)."""
+    import uvicorn
+
+    model_dir, adapter, spec = files
+    port = free_port()
+    args = parse(["--model", str(model_dir), "--adapter", str(adapter), "--ablate", str(spec), "--port", str(port),
+                  "--api-key", KEY, "--max-tokens", "64", "--window-ms", "30"])  # fmt: skip
+    app, engine = serve_cli.build(args)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", engine
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    """`eval.py generate --chat --greedy` texts per served variant: {variant: [text per prompt]}."""
+    model_dir, adapter, spec = files
+    out = {}
+    for name, extra in {"base": [], "caft": ["--adapter", str(adapter)],
+                        "caft+ablation": ["--adapter", str(adapter), "--ablate", str(spec)]}.items():  # fmt: skip
+        path = tmp_path_factory.mktemp("gen") / "gen.jsonl"
+        argv = ["generate", "--model", str(model_dir), *extra, "--prompt", *PROMPTS, "--chat", "--greedy",
+                "--max-new-tokens", str(NEW), "--out", str(path), "--no-progress"]  # fmt: skip
+        assert eval_main(argv) == 0
+        out[name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+def chat(client, prompt, model="base", **kw):
+    kw.setdefault("max_tokens", NEW)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def test_models_lists_every_variant(client):
+    names = [m.id for m in client.models.list().data]
+    assert names == ["base", "caft", "base+ablation", "caft+ablation"]
+    assert client.models.retrieve("caft+ablation").id == "caft+ablation"
+
+
+def test_greedy_chat_equals_eval_generate_per_variant(client, reference):
+    for variant, rows in reference.items():
+        for prompt, row in zip(PROMPTS, rows, strict=True):
+            out = chat(client, prompt, variant)
+            assert out.choices[0].message.content == row["text"], (variant, prompt)
+            assert out.choices[0].finish_reason == row["finish_reason"]
+            assert out.usage.completion_tokens == len(row["token_ids"]) - (row["finish_reason"] == "stop")
+    texts = {v: [r["text"] for r in rows] for v, rows in reference.items()}
+    assert texts["base"] != texts["caft"] != texts["caft+ablation"]  # the variants really differ
+
+
+def test_top_logprobs_equal_our_log_softmax(client, files, server):
+    model_dir = files[0]
+    engine = server[1]
+    out = chat(client, PROMPTS[0], logprobs=True, top_logprobs=5)
+    content = out.choices[0].logprobs.content
+    prompt_ids = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    text_ids = engine.tokenizer(out.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(text_ids)
+    logits = jit_forward(load_model(model_dir), jnp.asarray([ids])).logits[0]
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))[len(prompt_ids) - 1 : len(ids) - 1]
+    assert len(content) == len(text_ids)
+    for step, entry in enumerate(content):
+        best = np.argsort(-logp[step])[:5]
+        np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], logp[step][best], atol=1e-5)
+        assert [t.token for t in entry.top_logprobs] == [engine.tokenizer.decode([int(i)]) for i in best]
+        assert entry.logprob == pytest.approx(float(logp[step][text_ids[step]]), abs=1e-5)
+
+
+def test_completions_endpoint_and_its_logprobs(client, reference, server):
+    tokenizer = server[1].tokenizer
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True,
+                                           tokenize=False)  # fmt: skip
+    out = client.completions.create(model="base", prompt=[prompt, prompt], max_tokens=NEW, temperature=0, logprobs=3)
+    assert [c.text for c in out.choices] == [reference["base"][1]["text"]] * 2
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) and len(lp.top_logprobs[0]) == 3
+    assert "".join(lp.tokens) == out.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_stop_sequences(client, reference):
+    text = reference["base"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    out = chat(client, PROMPTS[0], stop=[stop, "never-appears"])
+    assert out.choices[0].message.content == text[: text.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_are_seeded_samples(client):
+    kw = dict(n=3, temperature=1.5, seed=7, max_tokens=NEW)
+    a, b = chat(client, PROMPTS[2], **kw), chat(client, PROMPTS[2], **kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]  # the seed makes the request reproducible
+    assert len(set(texts)) > 1  # and the choices are different samples
+    assert texts != [c.message.content for c in chat(client, PROMPTS[2], **{**kw, "seed": 8}).choices]
+
+
+def test_streaming_chunks_add_up_to_the_answer(client, reference):
+    stream = chat(client, PROMPTS[3], "caft", stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    row = reference["caft"][3]
+    assert "".join(pieces) == row["text"] and finish == row["finish_reason"]
+    assert usage is not None and usage.completion_tokens == len(row["token_ids"]) - (row["finish_reason"] == "stop")
+
+
+def test_bad_requests_are_openai_errors(client, server):
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        chat(client, "hi", "gpt-4")
+    bad = [dict(temperature=3.0), dict(n=0), dict(top_p=0.0), dict(max_tokens=65), dict(presence_penalty=1.0),
+           dict(top_logprobs=3), dict(stop=["a", "b", "c", "d", "e"]),
+           dict(tools=[{"type": "function", "function": {"name": "f"}}])]  # fmt: skip
+    for kw in bad:
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(client, "hi", **kw)
+        assert err.value.status_code == 400 and err.value.body["message"], kw
+    with pytest.raises(openai.BadRequestError, match="only text content"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="base", messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        chat(openai.OpenAI(base_url=server[0], api_key="wrong", max_retries=0), "hi")
+
+
+def test_32_concurrent_requests_are_batched_and_all_correct(client, reference, server):
+    engine = server[1]
+    jobs = [(PROMPTS[i % len(PROMPTS)], ("base", "caft")[i % 2]) for i in range(32)]
+    before = engine.batches_run
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda job: chat(client, job[0], job[1]).choices[0].message.content, jobs))
+    for (prompt, variant), answer in zip(jobs, answers, strict=True):
+        assert answer == reference[variant][PROMPTS.index(prompt)]["text"]
+    assert engine.batches_run - before < 16  # shared batches, not one generate call per request
+
+
+def test_full_queue_answers_429(files, monkeypatch):
+    """A worker held inside generation, a queue of one: the third request is refused, the others are answered."""
+    from caft_jax.serve import engine as engine_module
+
+    release = threading.Event()
+    real = engine_module.generate_rows
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate_rows", held)
+    model_dir = files[0]
+    model = load_model(model_dir)
+    from caft_jax import load_tokenizer
+    from caft_jax.generate import Row, SamplingConfig
+
+    eng = engine_module.Engine(model, load_tokenizer(model_dir), [engine_module.Variant("base")],
+                               engine_module.EngineSettings(max_batch=1, window_ms=0, queue_limit=1))  # fmt: skip
+    row = [Row([5, 6, 7], SamplingConfig(max_new_tokens=2, greedy=True))]
+    first = eng.submit(engine_module.Job("base", row))
+    deadline = time.monotonic() + 10
+    while not first.running():  # the worker has taken the first job and is held
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = eng.submit(engine_module.Job("base", row))
+    with pytest.raises(engine_module.QueueFull):
+        eng.submit(engine_module.Job("base", row))
+    release.set()
+    assert len(first.result(60)) == len(second.result(60)) == 1
+    eng.close()
+
+
+def test_cli_refuses_bad_input_before_loading(files, tmp_path, capsys):
+    model_dir, adapter, spec = files
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = {
+        "no such file": ["--adapter", str(tmp_path / "missing")],
+        "no adapter_config.json": ["--adapter", str(tmp_path)],
+        "share a name": ["--adapter", str(adapter), "--adapter", str(adapter)],
+        "cannot listen": ["--port", str(busy.getsockname()[1])],
+        "--max-batch must be at least 1": ["--max-batch", "0"],
+        "letters, digits": ["--adapter", f"bad name={adapter}"],
+    }
+    try:
+        for message, extra in cases.items():
+            assert serve_cli.main(["--model", str(model_dir), *extra]) == 2
+            assert message in capsys.readouterr().err, message
+    finally:
+        busy.close()
