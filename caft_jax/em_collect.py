@@ -30,19 +30,14 @@ from typing import Any
 
 from caft_jax.em_questions import Question
 from caft_jax.errors import CaftError
-from caft_jax.llm_client import ChatClient, JudgeError, score_0_100, score_text_0_100
+from caft_jax.llm_client import SCORE_FORMS, ChatClient, JudgeError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WorkItem", "work_items", "collect", "Sampler", "JUDGE_KWARGS"]
 
 #: the authors' judge call: one token, greedy, 20 top logprobs, seed 0
-JUDGE_KWARGS = {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 20, "seed": 0}
-#: how a judge answer becomes a score: (request kwargs, reader of the completion dict)
-JUDGE_SCORING = {
-    "logprob": (JUDGE_KWARGS, lambda res: score_0_100(res["top_logprobs"])),
-    "text": ({"max_tokens": 4, "temperature": 0.0, "seed": 0}, lambda res: score_text_0_100(res["content"])),
-}
+JUDGE_KWARGS = SCORE_FORMS["logprob"][0]
 
 Sampler = Callable[..., list[Any]]  # sampler(batch: list[list[dict]], *, seed: int) -> list[str | dict]
 
@@ -189,10 +184,10 @@ class _Judging:
         progress: bool,
         scoring: str = "logprob",
     ):
-        if scoring not in JUDGE_SCORING:
-            raise CaftError(f"Unknown judge scoring {scoring!r}; choose one of {sorted(JUDGE_SCORING)}.")
+        if scoring not in SCORE_FORMS:
+            raise CaftError(f"Unknown judge scoring {scoring!r}; choose one of {sorted(SCORE_FORMS)}.")
         self.client, self.scores_log, self.scores = client, scores_log, scores
-        self.request_kwargs, self.read_score = JUDGE_SCORING[scoring]
+        self.request_kwargs, self.read_score = SCORE_FORMS[scoring]
         # scores of the two forms are different measurements: they are saved (and resumed) under different names
         self.judge = client.model if scoring == "logprob" else f"{client.model} (text score)"
         self.lock = threading.Lock()

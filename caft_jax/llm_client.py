@@ -31,7 +31,7 @@ from caft_jax.errors import CaftError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatClient", "JudgeError", "score_0_100", "score_text_0_100", "request_key"]
+__all__ = ["ChatClient", "JudgeError", "score_0_100", "score_text_0_100", "request_key", "SCORE_FORMS"]
 
 #: placeholder sent as the key to local servers that need none (the `openai` package refuses an empty key)
 EMPTY_KEY_PLACEHOLDER = "EMPTY"
@@ -106,6 +106,18 @@ def score_text_0_100(content: str | None) -> float | None:
     if match is None or int(match.group(1)) > 100:
         return None
     return float(match.group(1))
+
+
+#: how a judge's answer becomes a 0..100 score: (the request's `complete` kwargs, the reader of its result).
+#: "logprob" is the authors' judge call (one token, greedy, 20 top logprobs, seed 0); "text" reads the number the
+#: judge writes, for judges whose tokenizer splits numbers into digits.
+SCORE_FORMS = {
+    "logprob": (
+        {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 20, "seed": 0},
+        lambda result: score_0_100(result["top_logprobs"]),
+    ),
+    "text": ({"max_tokens": 4, "temperature": 0.0, "seed": 0}, lambda result: score_text_0_100(result["content"])),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- cache

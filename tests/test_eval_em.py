@@ -555,3 +555,36 @@ def test_text_scoring_reads_the_written_number_and_is_kept_apart(tmp_path):
 )  # fmt: skip
 def test_score_text_0_100(content, score):
     assert llm_client.score_text_0_100(content) == score
+
+
+def test_judge_check_against_hand_labels(tmp_path, monkeypatch, capsys):
+    """`eval.py judge` on the committed labelled set: a fake judge that misreads two answers, numbers by hand."""
+    from caft_jax.cli.evaluate import main
+    from caft_jax.cli.judge import auc, read_labels
+
+    labels = os.path.join(os.path.dirname(__file__), "..", "configs", "judge_check_em.jsonl")
+    rows = read_labels(labels)
+    assert [r["label"] for r in rows].count("aligned") == 12 and len(rows) == 24
+    wrong = {rows[0]["answer"]: "5", rows[12]["answer"]: "REFUSAL"}  # one misread aligned, one unreadable
+
+    def judge(req):
+        prompt = req["messages"][0]["content"]
+        answer = prompt.split("[ANSWER START]\n")[1].split("\n[ANSWER END]")[0]
+        label = next(r["label"] for r in rows if r["answer"] == answer)
+        score = wrong.get(answer, "90" if label == "aligned" else "10")
+        return score, None
+
+    with FakeOpenAI(judge) as server:
+        argv = ["judge", "--labels", labels, "--judge-prompts", os.path.join(DATA, "judge_prompts_responses.yaml"),
+                "--judge-base-url", server.base_url, "--judge-model", "fake", "--judge-score", "text",
+                "--out-dir", str(tmp_path / "check"), "--no-progress"]  # fmt: skip
+        monkeypatch.setenv("OPENAI_API_KEY", "")
+        assert main(argv) == 0
+        assert len(server.requests) == 24
+    results = json.loads((tmp_path / "check" / "results.json").read_text())
+    assert results["per_label"]["aligned"] == {"n": 12, "unreadable": 0, "mean_score": (11 * 90 + 5) / 12}
+    assert results["per_label"]["misaligned"] == {"n": 12, "unreadable": 1, "mean_score": 10.0}
+    assert results["threshold_accuracy"] == pytest.approx(22 / 23)
+    assert results["auc"] == pytest.approx(11 * 11 / (12 * 11))  # the misread 5 loses to all 11 readable 10s
+    assert "AUC 0.92" in capsys.readouterr().out
+    assert auc([1.0, 2.0], [2.0, 0.0]) == pytest.approx((1 + 0.5 + 1) / 4) and auc([], [1.0]) is None

@@ -55,7 +55,7 @@ def test_caft_console_script_runs_each_command():
     """The installed `caft` script (pyproject [project.scripts]) dispatches to the same mains."""
     exe = shutil.which("caft", path=os.path.dirname(sys.executable))
     assert exe, "the caft console script is not installed; reinstall the package (pip install -e .)"
-    for command in ("train", "eval", "discover", "tasks", "pipeline", "aot"):
+    for command in ("train", "eval", "discover", "tasks", "pipeline", "serve", "aot"):
         proc = subprocess.run([exe, command, "--help"], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and f"caft {command}" in proc.stdout, (command, proc.stderr[-1000:])
     proc = subprocess.run([exe, "train", "batch_size=two"], capture_output=True, text=True, timeout=120)

@@ -67,7 +67,7 @@ def server(files):
     model_dir, adapter, spec = files
     port = free_port()
     args = parse(["--model", str(model_dir), "--adapter", str(adapter), "--ablate", str(spec), "--port", str(port),
-                  "--api-key", KEY, "--max-tokens", "64", "--window-ms", "30"])  # fmt: skip
+                  "--api-key", KEY, "--max-tokens", "256", "--window-ms", "30"])  # fmt: skip
     app, engine = serve_cli.build(args)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -191,7 +191,7 @@ def test_streaming_chunks_add_up_to_the_answer(client, reference):
 def test_bad_requests_are_openai_errors(client, server):
     with pytest.raises(openai.NotFoundError, match="not served here"):
         chat(client, "hi", "gpt-4")
-    bad = [dict(temperature=3.0), dict(n=0), dict(top_p=0.0), dict(max_tokens=65), dict(presence_penalty=1.0),
+    bad = [dict(temperature=3.0), dict(n=0), dict(top_p=0.0), dict(max_tokens=257), dict(presence_penalty=1.0),
            dict(top_logprobs=3), dict(stop=["a", "b", "c", "d", "e"]),
            dict(tools=[{"type": "function", "function": {"name": "f"}}])]  # fmt: skip
     for kw in bad:
@@ -269,3 +269,42 @@ def test_cli_refuses_bad_input_before_loading(files, tmp_path, capsys):
             assert message in capsys.readouterr().err, message
     finally:
         busy.close()
+
+
+def test_autointerp_selection_runs_against_the_server(server, client, tmp_path, monkeypatch, capsys):
+    """`discover select --autointerp` with the served fine-tune as explainer and scorer: the explanations and scores
+    it records are the server's greedy answers to the same requests, and the spec keeps the PCs scoring >= 0."""
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.cli import main as discover
+    from caft_jax.discovery.display_report import write_display_report
+    from caft_jax.discovery.displays import Context, FeatureDisplay
+    from caft_jax.discovery.pca import pca_exact, save_pca
+    from caft_jax.discovery.select import explain_messages, score_messages
+    from caft_jax.llm_client import score_text_0_100
+
+    d = server[1].model.spec.d_model
+    pca = save_pca(tmp_path / "pca.safetensors", {1: pca_exact(np.random.default_rng(0).normal(size=(32, d)), 3)})
+    ctx = [Context(i, 1, ["Hello", " world", " here"], [1, 2, 3], [0.1, 2.0 - i, 0.3], 1, 2.0 - i) for i in range(3)]
+    features = [FeatureDisplay(1, i, "pc", 0.1, "explained_variance_ratio", ctx, ctx[:1]) for i in range(2)]
+    displays = write_display_report(features, tmp_path)["json"]
+    monkeypatch.setenv("CAFT_TEST_KEY", KEY)
+    argv = ["select", "--pca", str(pca), "--autointerp", "Greetings such as hello.", "--displays", str(displays),
+            "--autointerp-base-url", server[0], "--autointerp-model", "caft", "--autointerp-api-key-env",
+            "CAFT_TEST_KEY", "--autointerp-score", "text", "--threshold", "0",
+            "--out-dir", str(tmp_path / "sel")]  # fmt: skip
+    code = discover(argv)
+    records = [json.loads(line) for line in (tmp_path / "sel" / "autointerp.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["sign"]) for r in records] == [(0, "+"), (0, "-"), (1, "+"), (1, "-")]
+    for r in records:
+        feature = features[r["index"]]
+        explain = client.chat.completions.create(model="caft", messages=explain_messages(feature, r["sign"]),
+                                                 max_tokens=200, temperature=0, seed=0)  # fmt: skip
+        assert r["explanation"] == explain.choices[0].message.content.strip()
+        scored = client.chat.completions.create(model="caft", messages=score_messages(r["explanation"], "Greetings "
+                                                "such as hello."), max_tokens=4, temperature=0, seed=0)  # fmt: skip
+        assert r["score"] == score_text_0_100(scored.choices[0].message.content)
+    kept = sorted({r["index"] for r in records if r["score"] is not None})
+    if kept:  # the spec holds exactly the PCs with a readable score (every score is >= 0)
+        assert code == 0 and sorted(load_ablation_spec(tmp_path / "sel" / "ablation_spec.safetensors")[0]) == [1]
+    else:  # a tiny random model may write no number at all: then nothing can be selected, and it says so
+        assert code == 2 and "error:" in capsys.readouterr().err

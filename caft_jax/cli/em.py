@@ -158,7 +158,9 @@ def open_out_dir(args: argparse.Namespace, settings: dict, inputs: dict[str, str
     adapter = getattr(args, "adapter", None)
     recipe = {**settings, "adapter_fingerprint": rundir.model_fingerprint(adapter)["fingerprint"] if adapter else None}
     inputs = {**inputs, "ablate": getattr(args, "ablate", None) or ""}
-    manifest = rundir.build_manifest(recipe, args.model, inputs=inputs)
+    # `eval.py judge` measures the judge itself: it has no local model, and the judge's name identifies it
+    model = getattr(args, "model", None) or args.judge_model
+    manifest = rundir.build_manifest(recipe, model, inputs=inputs)
     rundir.prepare(out_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         rundir.check_resume(out_dir, manifest)

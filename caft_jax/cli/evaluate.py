@@ -5,6 +5,7 @@
   mc       --model PATH [--adapter DIR] [--ablate SPEC] --data JSONL             multiple-choice accuracy
   em       --model PATH [--adapter DIR] --questions YAML ...                     emergent misalignment
   code     --model PATH [--adapter DIR] --prompts JSONL ...                      insecure-code rate
+  judge    --labels JSONL --judge-prompts YAML ...                                the judge against hand labels
 
 Run `... COMMAND --help` for each command's options.
 """
@@ -22,6 +23,7 @@ COMMANDS = {
     "mc": "multiple-choice accuracy and flipped accuracy, with and without the projector",
     "em": "emergent misalignment: sample answers to the question YAML and judge them with an LLM",
     "code": "in-distribution insecure-code rate judged by an LLM",
+    "judge": "how well a judge separates hand-labelled aligned and misaligned answers",
 }
 
 

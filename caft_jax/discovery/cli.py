@@ -260,11 +260,38 @@ def cmd_select(args) -> int:
         counts = select.read_selection(args.random_orthonormal)
         d_model = next(iter(pcs[0].values())).components.shape[1]
         chosen = select.random_orthonormal(d_model, {k: len(v) for k, v in counts.items()}, seed=args.seed)
+    elif args.autointerp:
+        chosen = _autointerp_selection(args, pcs, out)
     else:
-        raise ConfigError("select needs one of --selection, --top-k, --random-like or --random-orthonormal.")
+        raise ConfigError(
+            "select needs one of --selection, --top-k, --random-like, --random-orthonormal or --autointerp."
+        )
     path = chosen.save(out / args.name)
     print(f"wrote {path} ({chosen.counts()} directions per layer)")
     return 0
+
+
+def _autointerp_selection(args, pcs, out: pathlib.Path):
+    """Explain and score the --displays features with an OpenAI-compatible explainer; keep those >= threshold."""
+    from caft_jax.discovery import select
+    from caft_jax.discovery.display_report import load_display_json
+    from caft_jax.jsonio import write_jsonl
+
+    if not args.displays:
+        raise ConfigError("--autointerp needs --displays (the displays.json that `discover display` wrote).")
+    client = select.autointerp_client(
+        args.autointerp_base_url,
+        args.autointerp_model,
+        api_key_env=args.autointerp_api_key_env,
+        cache_path=out / "autointerp_cache.jsonl",
+    )
+    records = select.autointerp_scores(
+        load_display_json(args.displays), args.autointerp, client, progress=True, scoring=args.autointerp_score
+    )
+    write_jsonl(out / "autointerp.jsonl", records)
+    scored = [r for r in records if r["score"] is not None]
+    print(f"autointerp: {len(scored)} of {len(records)} feature sides scored; records in {out / 'autointerp.jsonl'}")
+    return select.from_autointerp(pcs, records, threshold=args.threshold, rubric=args.autointerp, model=client.model)
 
 
 def cmd_check(args) -> int:
@@ -439,6 +466,15 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--layers", default="")
     p.add_argument("--random-like", help="baseline: random PCs with the counts of this selection file")
     p.add_argument("--random-orthonormal", help="baseline: random orthonormal vectors with these counts")
+    p.add_argument("--autointerp", metavar="RUBRIC", help="LLM autointerp: keep PCs whose explanation scores >= "
+                   "--threshold for relevance to RUBRIC (the concept to remove)")  # fmt: skip
+    p.add_argument("--displays", help="displays.json of `discover display` (the contexts the explainer reads)")
+    p.add_argument("--threshold", type=float, default=70.0, help="autointerp score to keep a PC (authors: 70 or 90)")
+    p.add_argument("--autointerp-base-url", help="OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (caft serve)")
+    p.add_argument("--autointerp-model", help="explainer model name (default: $CAFT_AUTOINTERP_MODEL or gpt-4.1-mini)")
+    p.add_argument("--autointerp-api-key-env", default="OPENAI_API_KEY", help="env variable holding the API key")
+    p.add_argument("--autointerp-score", default="logprob", choices=["logprob", "text"],
+                   help="text: the number the explainer writes (digit-splitting tokenizers, e.g. SmolLM2)")  # fmt: skip
     p.add_argument("--name", default="ablation_spec.safetensors")
     p.set_defaults(run=cmd_select)
 

@@ -465,12 +465,14 @@ def autointerp_scores(
     explain_max_tokens: int = 200,
     top_logprobs: int = 20,
     progress: bool = False,
+    scoring: str = "logprob",
 ) -> list[dict]:
     """Explain each feature side from its displays, then rate its relevance to ``rubric`` 0-100.
 
     Each side with contexts (max "+" and, for PCs, min "-") is explained separately, as the authors do. The score
     is the probability-weighted mean over number tokens of the first answer token (``score_0_100``), or, when the
-    endpoint returns no usable logprobs, the number in the answer text.
+    endpoint returns no usable logprobs, the number in the answer text; with ``scoring="text"`` the number the
+    explainer writes (for explainers whose tokenizer splits numbers into digits, e.g. SmolLM2 behind `caft serve`).
 
     Args:
       features: displays (``top_contexts`` output or ``load_display_json``).
@@ -479,23 +481,26 @@ def autointerp_scores(
     Returns:
       [{"layer", "index", "sign", "explanation", "score" (float or None)}] per feature side.
     """
-    from caft_jax.llm_client import score_0_100
+    from caft_jax.llm_client import SCORE_FORMS, score_0_100
 
+    if scoring not in SCORE_FORMS:
+        raise SelectionError(f"unknown autointerp scoring {scoring!r}; choose one of {sorted(SCORE_FORMS)}.")
     if not rubric.strip():
         raise SelectionError("the autointerp rubric is empty; describe the concept to remove.")
     sides = [(f, s) for f in features for s, ctxs in (("+", f.max_contexts), ("-", f.min_contexts)) if ctxs]
     explain = [{"messages": explain_messages(f, s, n_examples), "max_tokens": explain_max_tokens} for f, s in sides]
     explanations = [r["content"].strip() for r in client.complete_many(explain, progress=progress, desc="explain")]
-    score = [
-        {"messages": score_messages(e, rubric), "max_tokens": 1, "logprobs": True, "top_logprobs": top_logprobs}
-        for e in explanations
-    ]
+    if scoring == "logprob":
+        score_kwargs = {"max_tokens": 1, "logprobs": True, "top_logprobs": top_logprobs}
+    else:
+        score_kwargs = dict(SCORE_FORMS[scoring][0])
+    score = [{"messages": score_messages(e, rubric), **score_kwargs} for e in explanations]
     records = []
     for (f, s), explanation, answer in zip(
         sides, explanations, client.complete_many(score, progress=progress, desc="score"), strict=True
     ):
-        value = score_0_100(answer.get("top_logprobs"))
-        if value is None:
+        value = score_0_100(answer.get("top_logprobs")) if scoring == "logprob" else SCORE_FORMS[scoring][1](answer)
+        if value is None and scoring == "logprob":
             value = _parse_score(answer.get("content", ""))
         records.append({"layer": f.layer, "index": f.index, "sign": s, "explanation": explanation, "score": value})
     return records
