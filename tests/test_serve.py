@@ -308,3 +308,27 @@ def test_autointerp_selection_runs_against_the_server(server, client, tmp_path, 
         assert code == 0 and sorted(load_ablation_spec(tmp_path / "sel" / "ablation_spec.safetensors")[0]) == [1]
     else:  # a tiny random model may write no number at all: then nothing can be selected, and it says so
         assert code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_inspect_ai_openai_compatible_provider(server, reference, tmp_path, monkeypatch):
+    """inspect_ai's OpenAI-compatible provider (`openai-api/<name>/<model>`) pointed at the server: one small task,
+    its answers the server's greedy answers (eval.py generate's)."""
+    from inspect_ai import Task, eval
+    from inspect_ai.dataset import Sample
+    from inspect_ai.model import GenerateConfig
+    from inspect_ai.scorer import includes
+    from inspect_ai.solver import generate
+
+    monkeypatch.setenv("CAFT_BASE_URL", server[0])
+    monkeypatch.setenv("CAFT_API_KEY", KEY)
+    rows = reference["caft"]
+    task = Task(
+        dataset=[Sample(input=p, target=r["text"][:3] or "x") for p, r in zip(PROMPTS[:3], rows, strict=False)],
+        solver=generate(),
+        scorer=includes(),
+        config=GenerateConfig(temperature=0.0, max_tokens=NEW),
+    )
+    (log,) = eval(task, model="openai-api/caft/caft", log_dir=str(tmp_path), display="none")
+    assert log.status == "success", log.error
+    answers = [s.output.completion for s in sorted(log.samples, key=lambda s: s.id)]
+    assert answers == [r["text"] for r in rows[:3]]
