@@ -1,25 +1,15 @@
-"""Batched text generation with a preallocated KV cache: prefill and decode in one jitted program.
+"""Batched text generation from prompts: encoding, length-bucketed batches, and the results per prompt.
 
-One call of the jitted ``generate_tokens`` handles one batch:
-
-1. prefill: the left-padded prompt batch, minus its last column, is written into a ``KVCache`` of length
-   ``prompt bucket + max_new_tokens`` (no logits are computed: the LM head over a whole prompt is the largest
-   tensor of the pass and only the last position is needed);
-2. decode: a ``jax.lax.while_loop`` feeds one token per row per step (step 0 feeds the prompt's last token), picks
-   the next token (greedy, temperature or nucleus sampling) and stops when every row has emitted an EOS token or
-   ``max_new_tokens`` tokens.
-
-Left padding puts every row's last prompt token in the same column, so one slice update serves the batch; each
-row's rotary positions continue from its own real-token count. The projector (test-time ablation), LoRA weights,
-sampling temperature and top-p are traced arguments, so none of them recompiles; prompt lengths are rounded up to
-powers of two and the batch size is fixed per call, so a whole evaluation compiles a handful of programs.
+``generate`` (text prompts) and ``generate_rows`` (token ids, each row with its own sampling settings) batch the
+prompts longest first, left-pad them to a power-of-two bucket and run the jitted programs of ``caft_jax.decode``
+(prefill + decode in one program, or in chunks of steps when the caller streams the tokens). Prompt lengths, batch
+widths and token budgets come from a few bucket sizes, so a whole evaluation compiles a handful of programs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +17,10 @@ import numpy as np
 
 from caft_jax.batching import PROMPT_BUCKETS, Bucketer, left_pad
 from caft_jax.chat import render_prompt
+from caft_jax.decode import decode_state, generate_tokens, prefill_state
 from caft_jax.errors import CaftError
 from caft_jax.model.layers import LoraSettings
-from caft_jax.model.transformer import KVCache, Model, default_positions, forward
+from caft_jax.model.transformer import KVCache, Model
 from caft_jax.projector import Projector
 
 # OpenAI's limit on top_logprobs; the server records this many whenever a batch asks for any
@@ -73,204 +64,6 @@ class SamplingConfig:
         if self.greedy or self.temperature == 0:
             return "greedy"
         return "top_p" if self.top_p < 1.0 else "sample"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Token selection
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def nucleus_logits(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set logits outside each row's top-p nucleus to -inf. logits [b, V] float32, top_p scalar or [b] -> [b, V].
-
-    The nucleus is the most likely tokens, in order, up to and including the one whose cumulative probability
-    first reaches top_p (as transformers' TopPLogitsWarper); the most likely token is always kept.
-    """
-    top_p = jnp.reshape(top_p, (-1, 1))  # [1 or b, 1]
-    desc = -jnp.sort(-logits, axis=-1)  # [b, V] descending
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # [b]
-    cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [b, 1] smallest kept logit
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
-
-
-def select_tokens(
-    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: jax.Array
-) -> jax.Array:
-    """Next token per row. logits [b, V] float32, keys [b] typed PRNG keys; temperature (> 0), top_p and greedy
-    (bool) are per row [b], so requests with different settings share one batch and one compiled program.
-
-    Only what some row needs runs: a batch of greedy rows takes the argmax alone, and the nucleus sort (over the
-    whole vocabulary, every step) runs only when some sampled row has top_p < 1. Returns [b] int32.
-    """
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled(lg):
-        scaled = lg / temperature[:, None]
-        needs_nucleus = ~greedy & (top_p < 1.0)
-        scaled = jax.lax.cond(
-            jnp.any(needs_nucleus),
-            lambda x: jnp.where(needs_nucleus[:, None], nucleus_logits(x, top_p), x),
-            lambda x: x,
-            scaled,
-        )
-        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-        return jnp.where(greedy, argmax, drawn)
-
-    return jax.lax.cond(jnp.all(greedy), lambda lg: argmax, sampled, logits)
-
-
-def token_logprobs(logits: jax.Array, chosen: jax.Array, k: int) -> dict[str, jax.Array]:
-    """Log-probabilities of the model's distribution (before temperature or top-p, as OpenAI reports them).
-
-    logits [b, V] float32, chosen [b] int32 -> {"logprob": [b], "top_ids": [b, k] int32, "top_logprobs": [b, k]}.
-    """
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_ids = jax.lax.top_k(logp, k)
-    return {
-        "logprob": jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0],
-        "top_ids": top_ids.astype(jnp.int32),
-        "top_logprobs": top_logprobs,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The jitted prefill + decode loop
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("lora_settings", "max_new_tokens", "record_logits", "top_logprobs"),
-    donate_argnames=("cache",),
-)
-def generate_tokens(
-    model: Model,
-    tokens: jax.Array,
-    attn_mask: jax.Array,
-    row_valid: jax.Array,
-    keys: jax.Array,
-    cache: KVCache,
-    eos_ids: jax.Array,
-    pad_id: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    greedy: jax.Array,
-    limits: jax.Array,
-    projector: Projector | None = None,
-    lora: dict | None = None,
-    lora_settings: LoraSettings | None = None,
-    *,
-    max_new_tokens: int,
-    record_logits: bool = False,
-    top_logprobs: int | None = None,
-) -> dict[str, jax.Array]:
-    """Prefill a left-padded prompt batch and decode until every row stops.
-
-    Args:
-      model: the model (params traced, graph static).
-      tokens: [b, t] int32 prompt ids, LEFT-padded; every valid row has a real token in column t - 1.
-      attn_mask: [b, t] bool, True on real tokens.
-      row_valid: [b] bool; False rows (filling a partial batch) count as finished from the start.
-      keys: [b] typed PRNG keys, one per row (step s samples with fold_in(key, s)).
-      cache: KVCache of shape (b, >= t + max_new_tokens - 1), fresh from ``KVCache.zeros`` or the "cache" output of
-        the previous call (its contents are ignored); donated, and returned again, so a run of same-shaped batches
-        decodes in one buffer instead of allocating a cache per batch.
-      eos_ids: [n_eos] int32 stop tokens (-1 entries match nothing).
-      pad_id: scalar int32 written after a row stops.
-      temperature, top_p: [b] float32 (temperature > 0); greedy: [b] bool; limits: [b] int32, each row's own
-        token budget (<= max_new_tokens). All traced, per row: changing them does not recompile.
-      projector, lora, lora_settings: as in ``forward``; the same values act in prefill and in every decode step.
-      max_new_tokens, record_logits, top_logprobs: static. ``top_logprobs`` k (0..20) records each chosen token's
-        log-probability and the k most likely tokens of every step; None records neither.
-    Returns:
-      {"tokens": [b, max_new_tokens] int32 (pad after a row stops; the EOS itself is kept),
-       "lengths": [b] int32 generated tokens per row (EOS included),
-       "stopped": [b] bool, True where the row emitted an EOS,
-       "cache": the KVCache buffers, to donate to the next call of the same shape,
-       "logits": [b, max_new_tokens, V] float32 logits each token was chosen from (only with record_logits),
-       "logprob": [b, max_new_tokens], "top_ids" [b, max_new_tokens, k] int32, "top_logprobs" [b, max_new_tokens, k]
-         (only with top_logprobs)}.
-    """
-    b = tokens.shape[0]
-    adapters = dict(projector=projector, lora=lora, lora_settings=lora_settings)
-    positions = default_positions(attn_mask)
-    # A cache reused from the previous batch keeps stale keys and values; clearing ``valid`` hides them all.
-    cache = cache.replace(valid=jnp.zeros_like(cache.valid), index=jnp.zeros((), jnp.int32))
-    # Prefill all but the last column; the loop's first step feeds the last prompt token and so yields the logits
-    # of the first new token without ever computing the LM head over the prompt.
-    cache = forward(
-        model,
-        tokens[:, :-1],
-        attn_mask=attn_mask[:, :-1],
-        positions=positions[:, :-1],
-        cache=cache,
-        logits=False,
-        **adapters,
-    ).cache
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "cache": cache,
-        "token": tokens[:, -1],
-        "position": positions[:, -1],
-        "done": ~row_valid,
-        "stopped": jnp.zeros((b,), bool),
-        "lengths": jnp.zeros((b,), jnp.int32),
-        "out": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-    }
-    if record_logits:
-        state["logits"] = jnp.zeros((b, max_new_tokens, model.spec.vocab_size), jnp.float32)
-    if top_logprobs is not None:
-        k = top_logprobs
-        state["logprob"] = jnp.zeros((b, max_new_tokens), jnp.float32)
-        state["top_ids"] = jnp.zeros((b, max_new_tokens, k), jnp.int32)
-        state["top_logprobs"] = jnp.zeros((b, max_new_tokens, k), jnp.float32)
-
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-    def body(s):
-        step = s["step"]
-        out = forward(
-            model,
-            s["token"][:, None],
-            attn_mask=jnp.ones((b, 1), bool),
-            positions=s["position"][:, None],
-            cache=s["cache"],
-            **adapters,
-        )
-        logits = out.logits[:, 0]  # [b, V]
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        chosen = select_tokens(logits, step_keys, temperature, top_p, greedy)
-        new = {
-            "step": step + 1,
-            "cache": out.cache,
-            "token": chosen,
-            "position": s["position"] + 1,
-        }
-        live = ~s["done"]
-        emitted = jnp.where(live, chosen, pad_id)
-        is_eos = jnp.any(emitted[:, None] == eos_ids[None, :], axis=-1) & live
-        new["out"] = jax.lax.dynamic_update_slice(s["out"], emitted[:, None], (0, step))
-        new["lengths"] = s["lengths"] + live.astype(jnp.int32)
-        new["stopped"] = s["stopped"] | is_eos
-        new["done"] = s["done"] | is_eos | (new["lengths"] >= limits)
-        if record_logits:
-            new["logits"] = jax.lax.dynamic_update_slice(s["logits"], logits[:, None], (0, step, 0))
-        if top_logprobs is not None:
-            for name, value in token_logprobs(logits, chosen, top_logprobs).items():
-                at = (0, step) + (0,) * (value.ndim - 1)
-                new[name] = jax.lax.dynamic_update_slice(s[name], value[:, None], at)
-        return new
-
-    final = jax.lax.while_loop(cond, body, state)
-    result = {k: final[k] for k in ("lengths", "stopped", "cache")}
-    result["tokens"] = final["out"]
-    for name in ("logits", "logprob", "top_ids", "top_logprobs"):
-        if name in final:
-            result[name] = final[name]
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,6 +154,47 @@ def _row_arrays(rows: Sequence[Row], width: int) -> dict[str, jax.Array]:
     }
 
 
+def _row_results(out: dict, r: int, record_logits: bool, top_logprobs: int | None) -> dict:
+    """Row r of a finished batch (host arrays) as generate_rows returns it."""
+    n = int(out["lengths"][r])
+    result = {"token_ids": [int(x) for x in out["tokens"][r, :n]],
+              "finish_reason": "stop" if out["stopped"][r] else "length"}  # fmt: skip
+    if record_logits:
+        result["logits"] = out["logits"][r, :n]
+    if top_logprobs is not None:
+        result["logprobs"] = out["logprob"][r, :n]
+        result["top_ids"] = out["top_ids"][r, :n]
+        result["top_logprobs"] = out["top_logprobs"][r, :n]
+    return result
+
+
+def _stream_batch(inputs: dict, rows: dict, n_live: int, on_tokens, every: int, max_new: int, top_logprobs):
+    """Prefill, then decode ``every`` steps at a time, calling ``on_tokens(r, piece)`` with each row's new tokens
+    ({"token_ids"[, "logprobs", "top_ids", "top_logprobs"]}) after every chunk. Returns the final device state."""
+    state = prefill_state(**inputs, max_new_tokens=max_new, top_logprobs=top_logprobs)
+    sent = np.zeros(n_live, int)
+    names = ["out", "lengths", "done"] + (["logprob", "top_ids", "top_logprobs"] if top_logprobs is not None else [])
+    stop_at = 0
+    while True:
+        stop_at += every
+        model = inputs["model"]
+        adapters = {k: inputs[k] for k in ("projector", "lora", "lora_settings")}
+        state = decode_state(model, state, jnp.int32(stop_at), pad_id=inputs["pad_id"], **rows, **adapters,
+                             top_logprobs=top_logprobs)  # fmt: skip
+        host = jax.device_get({k: state[k] for k in names})
+        for r in range(n_live):
+            n = int(host["lengths"][r])
+            if n > sent[r]:
+                piece = {"token_ids": [int(x) for x in host["out"][r, sent[r] : n]]}
+                for key, name in (("logprobs", "logprob"), ("top_ids", "top_ids"), ("top_logprobs", "top_logprobs")):
+                    if name in host:
+                        piece[key] = host[name][r, sent[r] : n]
+                on_tokens(r, piece)
+                sent[r] = n
+        if host["done"][:n_live].all() or stop_at >= max_new:
+            return state
+
+
 def generate_rows(
     model: Model,
     rows: Sequence[Row],
@@ -376,6 +210,8 @@ def generate_rows(
     top_logprobs: int | None = None,
     new_token_buckets: Bucketer | None = None,
     row_buckets: Bucketer | None = None,
+    on_tokens: Callable[[int, dict], None] | None = None,
+    stream_every: int = 8,
 ) -> list[dict]:
     """Generate from token-id rows, each with its own sampling settings.
 
@@ -384,7 +220,8 @@ def generate_rows(
     few programs), and each row stops at its own budget. Returns per row {"token_ids", "finish_reason"} plus
     "logits" [n, V] with ``record_logits`` and "logprobs" [n], "top_ids" [n, k], "top_logprobs" [n, k] with
     ``top_logprobs`` k. ``row_buckets`` rounds the batch width up (inactive rows fill it), so a server's batches of
-    3, 5 or 6 requests share one program.
+    3, 5 or 6 requests share one program. With ``on_tokens(row index, piece)`` the batch decodes ``stream_every``
+    steps per program call and reports each row's new tokens after every call (same tokens as without).
     """
     from tqdm.auto import tqdm
 
@@ -392,6 +229,8 @@ def generate_rows(
         raise GenerationError(f"batch_size must be at least 1, got {batch_size}.")
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise GenerationError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}.")
+    if on_tokens is not None and record_logits:
+        raise GenerationError("record_logits is not available while streaming tokens.")
     width = min(batch_size, len(rows))
     if row_buckets is not None:
         width = row_buckets.length_for(width)
@@ -408,36 +247,21 @@ def generate_rows(
         tokens, mask = left_pad([r.ids for r in batch], width, length, pad_id)
         if cache is None or cache.k.shape[2] != length + max_new:
             cache = _new_cache(model, width, length + max_new)
-        out = generate_tokens(
-            model,
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            jnp.asarray(np.arange(width) < len(idx)),
-            cache=cache,
-            eos_ids=eos,
-            pad_id=jnp.int32(pad_id),
-            projector=projector,
-            lora=lora,
-            lora_settings=lora_settings,
-            max_new_tokens=max_new,
-            record_logits=record_logits,
-            top_logprobs=top_logprobs,
-            **_row_arrays(batch, width),
-        )
+        inputs = dict(model=model, tokens=jnp.asarray(tokens), attn_mask=jnp.asarray(mask),
+                      row_valid=jnp.asarray(np.arange(width) < len(idx)), cache=cache, pad_id=jnp.int32(pad_id),
+                      projector=projector, lora=lora, lora_settings=lora_settings)  # fmt: skip
+        per_row = {"eos_ids": eos, **_row_arrays(batch, width)}
+        if on_tokens is None:
+            out = generate_tokens(**inputs, **per_row, max_new_tokens=max_new, record_logits=record_logits,
+                                  top_logprobs=top_logprobs)  # fmt: skip
+        else:
+            final = _stream_batch(inputs, per_row, len(idx), lambda r, piece, idx=idx: on_tokens(idx[r], piece),
+                                  stream_every, max_new, top_logprobs)  # fmt: skip
+            out = {"tokens": final["out"], **{k: final[k] for k in final if k != "out"}}
         cache = out.pop("cache")
         out = jax.device_get(out)
         for r, i in enumerate(idx):
-            n = int(out["lengths"][r])
-            results[i] = {
-                "token_ids": [int(x) for x in out["tokens"][r, :n]],
-                "finish_reason": "stop" if out["stopped"][r] else "length",
-            }
-            if record_logits:
-                results[i]["logits"] = out["logits"][r, :n]
-            if top_logprobs is not None:
-                results[i]["logprobs"] = out["logprob"][r, :n]
-                results[i]["top_ids"] = out["top_ids"][r, :n]
-                results[i]["top_logprobs"] = out["top_logprobs"][r, :n]
+            results[i] = _row_results(out, r, record_logits, top_logprobs)
     return results
 
 

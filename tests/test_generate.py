@@ -15,12 +15,14 @@ from hf_models import FAMILIES
 
 from caft_jax import build_projector, empty_projector, jit_forward, load_model, load_tokenizer
 from caft_jax.batching import PROMPT_BUCKETS, left_pad
+from caft_jax.decode import generate_tokens
 from caft_jax.generate import (
+    Row,
     SamplingConfig,
     _new_cache,
     generate,
     generate_ids,
-    generate_tokens,
+    generate_rows,
 )
 
 EOS = 2  # the tiny models' eos_token_id
@@ -172,6 +174,29 @@ def test_projector_at_generation_time_and_bounded_compiles(tiny):
     cfg = SamplingConfig(max_new_tokens=NEW, top_p=0.9)
     generate(model, None, prompts, cfg, eos_token_ids=[], projector=other, batch_size=2, progress=False)
     assert generate_tokens._cache_size() == before
+
+
+def test_streamed_rows_equal_one_program_and_mixed_settings_share_a_batch(tiny):
+    """Per-row settings in one batch, each row as if alone; streaming (decode 3 steps per call) gives the same
+    tokens and logprobs, delivered in order."""
+    model = tiny["llama"][0]
+    rows = [
+        Row(PROMPTS[0], SamplingConfig(max_new_tokens=NEW, greedy=True)),
+        Row(PROMPTS[1], SamplingConfig(max_new_tokens=5, temperature=1.3, seed=4), stream=7),
+        Row(PROMPTS[1], SamplingConfig(max_new_tokens=NEW, temperature=0.8, top_p=0.6, seed=2), stream=1),
+    ]
+    kw = dict(eos_ids=[], pad_id=0, progress=False, top_logprobs=3, batch_size=4)
+    together = generate_rows(model, rows, **kw)
+    for row, result in zip(rows, together, strict=True):
+        (alone,) = generate_rows(model, [row], **kw)
+        assert alone["token_ids"] == result["token_ids"] and len(alone["token_ids"]) == row.sampling.max_new_tokens
+        np.testing.assert_array_equal(alone["top_ids"], result["top_ids"])
+    pieces = {0: [], 1: [], 2: []}
+    streamed = generate_rows(model, rows, **kw, on_tokens=lambda i, p: pieces[i].append(p), stream_every=3)
+    for i, (a, b) in enumerate(zip(together, streamed, strict=True)):
+        assert a["token_ids"] == b["token_ids"] == [t for p in pieces[i] for t in p["token_ids"]]
+        np.testing.assert_array_equal(a["logprobs"], np.concatenate([p["logprobs"] for p in pieces[i]]))
+        assert max(len(p["token_ids"]) for p in pieces[i]) <= 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

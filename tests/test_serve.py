@@ -156,11 +156,23 @@ def test_completions_endpoint_and_its_logprobs(client, reference, server):
     assert "".join(lp.tokens) == out.choices[0].text and lp.text_offset[0] == 0
 
 
+def stop_case(reference) -> tuple[str, int, str, str]:
+    """(variant, prompt index, stop string, its answer's text) where the stop string first occurs past position 2,
+    so that cutting at it keeps some text."""
+    for variant, rows in reference.items():
+        for i, row in enumerate(rows):
+            text = row["text"]
+            for at in range(3, len(text) - 1):
+                stop = text[at : at + 2]
+                if text.find(stop) == at and "\ufffd" not in stop:
+                    return variant, i, stop, text
+    raise AssertionError("no answer of the reference has a usable stop string")
+
+
 def test_stop_sequences(client, reference):
-    text = reference["base"][0]["text"]
-    stop = text[len(text) // 2 : len(text) // 2 + 2]
-    out = chat(client, PROMPTS[0], stop=[stop, "never-appears"])
-    assert out.choices[0].message.content == text[: text.find(stop)]
+    variant, i, stop, text = stop_case(reference)
+    out = chat(client, PROMPTS[i], variant, stop=[stop, "never-appears"])
+    assert out.choices[0].message.content == text[: text.find(stop)] != ""
     assert out.choices[0].finish_reason == "stop"
 
 
@@ -174,18 +186,32 @@ def test_n_choices_are_seeded_samples(client):
     assert texts != [c.message.content for c in chat(client, PROMPTS[2], **{**kw, "seed": 8}).choices]
 
 
-def test_streaming_chunks_add_up_to_the_answer(client, reference):
-    stream = chat(client, PROMPTS[3], "caft", stream=True, stream_options={"include_usage": True})
-    pieces, finish, usage = [], None, None
+def collect_stream(stream) -> tuple[dict, dict, object]:
+    """({choice index: [content pieces]}, {index: finish_reason}, usage) of a streamed chat completion."""
+    pieces, finish, usage = {}, {}, None
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            finish = choice.finish_reason or finish
-    row = reference["caft"][3]
-    assert "".join(pieces) == row["text"] and finish == row["finish_reason"]
+            if choice.delta.content:
+                pieces.setdefault(choice.index, []).append(choice.delta.content)
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    return pieces, finish, usage
+
+
+def test_streaming_sends_the_answer_as_it_is_decoded(client, reference):
+    row = reference["base"][0]  # 12 printable tokens: no character is held back for being incomplete
+    stream = chat(client, PROMPTS[0], "base", stream=True, stream_options={"include_usage": True})
+    pieces, finish, usage = collect_stream(stream)
+    assert "".join(pieces[0]) == row["text"] and finish == {0: row["finish_reason"]}
+    assert len(pieces[0]) >= 2  # 12 tokens decoded 8 steps per call: the text arrives in more than one piece
     assert usage is not None and usage.completion_tokens == len(row["token_ids"]) - (row["finish_reason"] == "stop")
+    # a stop sequence and n = 2 greedy choices: each choice's text is the non-streamed one, cut before the stop
+    variant, i, stop, text = stop_case(reference)
+    pieces, finish, _ = collect_stream(chat(client, PROMPTS[i], variant, stream=True, stop=[stop], n=2))
+    assert ["".join(pieces.get(j, [])) for j in (0, 1)] == [text[: text.find(stop)]] * 2
+    assert finish == {0: "stop", 1: "stop"}
 
 
 def test_bad_requests_are_openai_errors(client, server):

@@ -5,9 +5,9 @@ engine's worker is the only thread that runs JAX. Errors are OpenAI's JSON shape
 422 validation errors are reshaped), 401 for a wrong API key, 404 for an unknown model, 429 when the queue is full,
 500 when generation itself failed.
 
-Streaming (chat, ``stream: true``) sends server-sent events in OpenAI's chunk format. The decode loop is one
-jitted ``while_loop`` per batch, so the chunks of a choice are sent when its batch finishes, not token by token as
-they are decoded: clients that stream work unchanged, but time to first token equals time to the whole answer.
+Streaming (chat, ``stream: true``) sends server-sent events in OpenAI's chunk format as the tokens are decoded:
+a streamed request's batch decodes a few steps per program call and the worker hands each row's new tokens to
+its request, whose text is sent as soon as it cannot be the start of a stop sequence.
 """
 
 from __future__ import annotations
@@ -99,17 +99,23 @@ def build_app(engine: Engine, *, api_key: str | None = None, limits: ServerLimit
             raise APIError(400, f"the prompt has {longest} tokens, above this server's limit "
                            f"{limits.max_prompt_tokens}; shorten it.", param="messages")  # fmt: skip
 
-    async def run(job: Job) -> list[dict]:
+    def submit(job: Job):
         try:
-            future = engine.submit(job)
+            return engine.submit(job)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later.", type="rate_limit_error") from None
+
+    def failure(e: BaseException) -> APIError:
+        if isinstance(e, CaftError):
+            return APIError(400, str(e))
+        return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+    async def run(job: Job) -> list[dict]:
+        future = submit(job)
         try:
             return await asyncio.wrap_future(future)
-        except CaftError as e:
-            raise APIError(400, str(e)) from None
         except Exception as e:
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+            raise failure(e) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -122,6 +128,8 @@ def build_app(engine: Engine, *, api_key: str | None = None, limits: ServerLimit
         max_tokens = body.token_budget(limits.default_chat_tokens)
         check_lengths(prompt_ids, max_tokens)
         rows = protocol.job_rows(prompt_ids, body.n, body.sampling(max_tokens))
+        if body.stream:
+            return stream_chat(body, prompt_ids, rows)
         results = await run(Job(body.model, rows, logprobs=body.logprobs))
         k = body.top_logprobs or 0
         choices = []
@@ -136,7 +144,7 @@ def build_app(engine: Engine, *, api_key: str | None = None, limits: ServerLimit
             if body.logprobs:
                 choice["logprobs"] = protocol.chat_logprobs(engine.tokenizer, result, len(cut["token_ids"]), k)
             choices.append((choice, cut))
-        response = {
+        return {
             "id": protocol.response_id("chatcmpl"),
             "object": "chat.completion",
             "created": protocol.now(),
@@ -144,34 +152,64 @@ def build_app(engine: Engine, *, api_key: str | None = None, limits: ServerLimit
             "choices": [c for c, _ in choices],
             "usage": protocol.usage(prompt_ids, [cut for _, cut in choices]),
         }
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(chat_chunks(response, choices, include_usage), media_type="text/event-stream")
-        return response
 
-    def chat_chunks(response: dict, choices: list[tuple[dict, dict]], include_usage: bool):
-        """SSE events: per choice a role chunk, one content chunk per token, a finish chunk; then usage, [DONE]."""
-        head = {k: response[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    def stream_chat(body: ChatRequest, prompt_ids: list[list[int]], rows) -> StreamingResponse:
+        """Submit a streamed job now (a full queue is still a plain 429) and answer with its SSE events."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_tokens(r: int, piece: dict) -> None:  # the engine's worker thread
+            loop.call_soon_threadsafe(events.put_nowait, (r, piece))
+
+        future = submit(Job(body.model, rows, logprobs=body.logprobs, on_tokens=on_tokens))
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, (None, None)))
+        return StreamingResponse(chat_events(body, prompt_ids, future, events), media_type="text/event-stream")
+
+    async def chat_events(body: ChatRequest, prompt_ids, future, events: asyncio.Queue):
+        """SSE events: a role chunk per choice, content chunks as text becomes sendable, a finish chunk per choice,
+        then the usage chunk (with stream_options.include_usage) and [DONE]."""
+        head = {"id": protocol.response_id("chatcmpl"), "object": "chat.completion.chunk",
+                "created": protocol.now(), "model": body.model}  # fmt: skip
+        tokenizer, k = engine.tokenizer, body.top_logprobs or 0
 
         def event(choice_fields: list[dict], **extra) -> str:
             return f"data: {json.dumps(head | {'choices': choice_fields} | extra)}\n\n"
 
-        tokenizer = engine.tokenizer
-        for choice, cut in choices:
-            index = choice["index"]
-            yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            ids, previous = cut["token_ids"], ""
-            content = choice["logprobs"]["content"] if choice["logprobs"] else None
-            for m in range(1, len(ids) + 1):
-                text = tokenizer.decode(ids[:m], skip_special_tokens=True)[: len(cut["text"])]
-                piece, previous = text[len(previous) :], text
-                fields = {"index": index, "delta": {"content": piece}, "finish_reason": None}
-                if content is not None:
-                    fields["logprobs"] = {"content": [content[m - 1]]}
+        choices = [protocol.StreamedChoice(tokenizer, body.stop, engine.eos_ids) for _ in range(body.n)]
+        finished = [False] * body.n
+        for i in range(body.n):
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            r, piece = await events.get()
+            if r is None:
+                break
+            choice = choices[r]
+            if choice.stopped:
+                continue
+            text = choice.add(piece["token_ids"])
+            fields = {"index": r, "delta": {"content": text}, "finish_reason": None}
+            if body.logprobs:
+                fields["logprobs"] = {"content": protocol.logprob_entries(tokenizer, piece, len(piece["token_ids"]), k)}
+            if text or body.logprobs:
                 yield event([fields])
-            yield event([{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}])
-        if include_usage:
-            yield event([], usage=response["usage"])
+            if choice.stopped:
+                finished[r] = True
+                yield event([{"index": r, "delta": {}, "finish_reason": "stop"}])
+        try:
+            results = future.result()
+        except Exception as e:
+            yield f"data: {json.dumps(failure(e).body())}\n\n"
+            return
+        cuts = [protocol.cut_at_stop(tokenizer, res["token_ids"], res["finish_reason"], body.stop) for res in results]
+        for i, cut in enumerate(cuts):
+            if finished[i]:
+                continue
+            rest = choices[i].rest(cut["text"])
+            if rest:
+                yield event([{"index": i, "delta": {"content": rest}, "finish_reason": None}])
+            yield event([{"index": i, "delta": {}, "finish_reason": cut["finish_reason"]}])
+        if (body.stream_options or {}).get("include_usage"):
+            yield event([], usage=protocol.usage(prompt_ids, cuts))
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")

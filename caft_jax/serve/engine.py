@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from caft_jax.batching import Bucketer
 from caft_jax.generate import MAX_TOP_LOGPROBS, Row, generate_rows, pad_id_for, stop_token_ids
@@ -46,11 +46,16 @@ class Variant:
 
 @dataclasses.dataclass
 class Job:
-    """One request's rows (n choices of one or more prompts) for one variant."""
+    """One request's rows (n choices of one or more prompts) for one variant.
+
+    ``on_tokens(row, piece)``, when set, is called from the worker thread with each row's new tokens as they are
+    decoded (a streamed request); the future still resolves with the whole rows at the end.
+    """
 
     variant: str
     rows: list[Row]
     logprobs: bool = False
+    on_tokens: Callable[[int, dict], None] | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
@@ -142,18 +147,31 @@ class Engine:
     def _serve_forever(self) -> None:
         while not self._stop.is_set():
             jobs = self._collect()
-            groups: dict[tuple[str, bool], list[Job]] = {}
+            groups: dict[tuple[str, bool, bool], list[Job]] = {}
             for job in jobs:
-                groups.setdefault((job.variant, job.logprobs), []).append(job)
-            for (name, logprobs), group in groups.items():
-                self._run_group(self.variants[name], group, logprobs)
+                groups.setdefault((job.variant, job.logprobs, job.on_tokens is not None), []).append(job)
+            for (name, logprobs, streamed), group in groups.items():
+                self._run_group(self.variants[name], group, logprobs, streamed)
 
-    def _run_group(self, variant: Variant, jobs: list[Job], logprobs: bool) -> None:
-        """One generate call (or a few, past max_batch rows) for jobs of one variant; resolves their futures."""
+    def _run_group(self, variant: Variant, jobs: list[Job], logprobs: bool, streamed: bool) -> None:
+        """One generate call (or a few, past max_batch rows) for jobs of one variant; resolves their futures.
+
+        Streamed jobs decode in chunks of steps (each chunk's tokens go to their job's ``on_tokens``); the others
+        decode in one program, so streaming costs only the requests that ask for it.
+        """
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         rows = [row for job in live for row in job.rows]
         if not rows:
             return
+        owners = [(job, r) for job in live for r in range(len(job.rows))]  # global row -> (job, its row)
+
+        def dispatch(i: int, piece: dict) -> None:
+            job, r = owners[i]
+            try:
+                job.on_tokens(r, piece)
+            except Exception:  # a client that went away must not stop the batch it shares with others
+                log.exception("dropping streamed tokens")
+
         try:
             results = generate_rows(
                 self.model,
@@ -168,6 +186,7 @@ class Engine:
                 top_logprobs=MAX_TOP_LOGPROBS if logprobs else None,
                 new_token_buckets=NEW_TOKEN_BUCKETS,
                 row_buckets=self._buckets,
+                on_tokens=dispatch if streamed else None,
             )
         except Exception as e:  # a bug or a device failure: every waiting client gets a 500, the server lives on
             log.exception("generation failed")

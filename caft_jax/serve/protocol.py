@@ -180,8 +180,9 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)])
 
 
-def chat_logprobs(tokenizer, result: dict, n_tokens: int, k: int) -> dict:
-    """OpenAI chat ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+def logprob_entries(tokenizer, piece: dict, n_tokens: int, k: int) -> list[dict]:
+    """OpenAI chat logprob entries of the first n_tokens of a piece {"token_ids", "logprobs", "top_ids",
+    "top_logprobs"}: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
 
     def entry(token_id, logprob):
         text = token_text(tokenizer, token_id)
@@ -189,12 +190,54 @@ def chat_logprobs(tokenizer, result: dict, n_tokens: int, k: int) -> dict:
 
     content = []
     for i in range(n_tokens):
-        item = entry(result["token_ids"][i], result["logprobs"][i])
-        item["top_logprobs"] = [
-            entry(t, lp) for t, lp in zip(result["top_ids"][i][:k], result["top_logprobs"][i][:k], strict=True)
-        ]
+        item = entry(piece["token_ids"][i], piece["logprobs"][i])
+        tops = zip(piece["top_ids"][i][:k], piece["top_logprobs"][i][:k], strict=True)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in tops]
         content.append(item)
-    return {"content": content}
+    return content
+
+
+def chat_logprobs(tokenizer, result: dict, n_tokens: int, k: int) -> dict:
+    """OpenAI chat ``logprobs`` of a choice: {"content": [entry per token]}."""
+    return {"content": logprob_entries(tokenizer, result, n_tokens, k)}
+
+
+class StreamedChoice:
+    """The text of one streamed choice as its tokens arrive: what may be sent now, and whether a stop sequence
+    ended it.
+
+    Text is held back while it could still be the start of a stop sequence (the longest stop's length - 1
+    characters) or ends in an incomplete UTF-8 character, so what is sent is always a prefix of the final text.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], eos_ids: Sequence[int]):
+        self.tokenizer, self.stops, self.eos_ids = tokenizer, list(stops), set(eos_ids)
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False  # a stop sequence appeared: the choice is complete
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """The new text these tokens make sendable ("" once a stop sequence has ended the choice)."""
+        if self.stopped:
+            return ""
+        self.ids += [t for t in token_ids if t not in self.eos_ids]
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            self.stopped = True
+            safe = text[: min(hits)]
+        else:
+            safe = text[: len(text) - self.holdback] if self.holdback else text
+            safe = safe.rstrip("\ufffd")
+        if not safe.startswith(self.sent):  # decoding revised an earlier character: the rest is sent at the end
+            return ""
+        new, self.sent = safe[len(self.sent) :], safe
+        return new
+
+    def rest(self, final_text: str) -> str:
+        """What is left to send of the choice's final text."""
+        return final_text[len(self.sent) :] if final_text.startswith(self.sent) else ""
 
 
 def completion_logprobs(tokenizer, result: dict, n_tokens: int, k: int) -> dict:
