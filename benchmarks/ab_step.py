@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (master: fp32)")
     p.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), help="operand dtype of the products")
     p.add_argument("--loss", choices=("tokens", "last"), default="tokens", help="all tokens, or the last one (MC)")
+    p.add_argument("--cost", action="store_true", help="also print XLA's cost analysis (flops, bytes) per variant")
     args = p.parse_args(argv)
 
     import jax
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_mask = ones if args.loss == "tokens" else np.zeros(tokens.shape, bool)
     loss_mask[..., -1] = True
 
-    steps, states = {}, {}
+    steps, states, costs = {}, {}, {}
     for name in args.variants:
         saved = [(mod, attr, getattr(mod, attr)) for mod, attr in patched_attributes()]
         for patch in bench.JAX_PATCHES[name]:
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 fn = trainer.compiled_step(states[name], projector).lower(states[name], frozen, batch, projector)
                 fn = fn.compile()
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+            if args.cost:  # the compiler's own count: exact, and free of the machine's timing noise
+                costs[name] = step_cost(fn)
             steps[name] = (fn, frozen, batch)
         finally:
             for mod, attr, value in saved:
@@ -128,7 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         print(f"| {name} | {w:.3f} | {c:.2f} | {w / ref_wall - 1:+.1%} | {c / ref_cpu - 1:+.1%} |")
+    if costs:
+        ref = costs[args.variants[0]]
+        print("\n| variant | GFLOP per step (XLA) | GB accessed per step (XLA) | flops vs first | bytes vs first |")
+        print("|---|---|---|---|---|")
+        for name in args.variants:
+            f, b = costs[name]
+            print(f"| {name} | {f / 1e9:.3f} | {b / 1e9:.3f} | {f / ref[0] - 1:+.3%} | {b / ref[1] - 1:+.3%} |")
     return 0
+
+
+def step_cost(compiled) -> tuple[float, float]:
+    """(flops, bytes accessed) of a compiled step by XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
 
 
 if __name__ == "__main__":
