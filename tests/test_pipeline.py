@@ -525,6 +525,12 @@ def test_family_conditions_and_the_steering_search(tiny_model, short_source, com
     names = ("plain_seed0.json", "caft_detached_seed0.json", "caft_gradient_only_seed0.json", "steer_seed0.json")
     losses = {name: rows[name]["final_loss"] for name in names}
     assert len(set(losses.values())) == 4, losses  # every intervention changed the training
+    # the projection monitor per run: the intervened layers, what the intervention saw in the first and last epoch
+    assert "projection" not in rows["plain_seed0.json"]
+    for name in names[1:]:
+        monitor = rows[name]["projection"]
+        assert monitor and all(0 <= m["first_epoch_mean"] <= m["max"] and m["last_epoch_mean"] <= m["max"]
+                               for m in monitor.values()), (name, monitor)  # fmt: skip
     table = (out / "results.md").read_text()
     assert all(f"| {c} |" in table for c in ("plain", "caft_detached", "caft_gradient_only", "steer"))
     # conditions may change on --resume (each run depends on its own condition only): nothing is retrained

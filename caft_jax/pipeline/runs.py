@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from caft_jax import data
 from caft_jax.batching import MC_TRAIN_SIZES
@@ -84,6 +85,7 @@ def finetune(
             examples, rows_per_step, seed=seed, epoch=epoch, pad_id=pad_id, buckets=MC_TRAIN_SIZES, start=start
         )
 
+    projections: list[dict] = []
     result = fit(
         trainer,
         trainer.init_state(seed),
@@ -94,6 +96,7 @@ def finetune(
         progress=progress,
         desc=desc,
         leave=False,
+        on_metrics=lambda record: projections.append(record["projection"]) if "projection" in record else None,
     )
     if result.status == "diverged":
         raise TrainingDiverged(
@@ -109,7 +112,24 @@ def finetune(
         "seconds": round(result.seconds, 1),
         "final_loss": final_loss(result.losses, steps_per_epoch),
     }
+    if projections:
+        info["projection"] = projection_by_epoch(projections, steps_per_epoch)
     return result.state.trainable, info
+
+
+def projection_by_epoch(records: Sequence[dict], steps_per_epoch: int) -> dict:
+    """The projection monitor of a run, per intervened layer: the mean |(h - mu) . q| over the first and over the last
+    epoch's steps, and the largest max (does the model grow what the ablation removes?)."""
+    window = max(1, steps_per_epoch)
+    first, last = records[:window], records[-window:]
+    return {
+        layer: {
+            "first_epoch_mean": float(np.mean([r[layer]["mean"] for r in first])),
+            "last_epoch_mean": float(np.mean([r[layer]["mean"] for r in last])),
+            "max": float(max(r[layer]["max"] for r in records)),
+        }
+        for layer in records[0]
+    }
 
 
 def tuned_parts(model: Model, trainable: dict, recipe: TrainConfig) -> tuple[Model, dict | None, object]:
