@@ -174,11 +174,10 @@ def _stream_batch(inputs: dict, rows: dict, n_live: int, on_tokens, every: int, 
     state = prefill_state(**inputs, max_new_tokens=max_new, top_logprobs=top_logprobs)
     sent = np.zeros(n_live, int)
     names = ["out", "lengths", "done"] + (["logprob", "top_ids", "top_logprobs"] if top_logprobs is not None else [])
+    model, adapters = inputs["model"], {k: inputs[k] for k in ("projector", "lora", "lora_settings")}
     stop_at = 0
     while True:
         stop_at += every
-        model = inputs["model"]
-        adapters = {k: inputs[k] for k in ("projector", "lora", "lora_settings")}
         state = decode_state(model, state, jnp.int32(stop_at), pad_id=inputs["pad_id"], **rows, **adapters,
                              top_logprobs=top_logprobs)  # fmt: skip
         host = jax.device_get({k: state[k] for k in names})

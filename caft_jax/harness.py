@@ -262,10 +262,19 @@ def main(argv: list[str] | None = None, prog: str = "caft lm-eval") -> int:
     """lm-eval's command line with the `caft_jax` model type registered (this module's import did it)."""
     from lm_eval.__main__ import cli_evaluate
 
+    from caft_jax.cli.handler import USER_ERROR_EXIT, guarded
+
+    def run() -> int:
+        try:
+            cli_evaluate()
+        except ValueError as e:  # lm-eval's own refusals of its input (unknown task, bad model_args, ...)
+            print(f"error: lm-eval refused the run: {e}", file=sys.stderr)
+            return USER_ERROR_EXIT
+        return 0
+
     if argv is not None:
         sys.argv = [prog, *argv]
-    cli_evaluate()
-    return 0
+    return guarded(run)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,27 @@ def write_chats(path, n: int, user: str = "Hello, print {i}.", assistant: str = 
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def save_chat_model_with_adapter(root):
+    """A tiny ChatML llama (`save_chat_model`) with a PEFT LoRA adapter whose B matrices are random (B = 0 would make
+    it a no-op) and an ablation spec of 8 random directions at layer 1; returns (model dir, adapter dir, spec)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from caft_jax import load_model
+    from caft_jax.ablation_spec import save_ablation_spec
+    from caft_jax.export import export_peft_adapter
+    from caft_jax.lora import LoraConfig, init_lora
+
+    model_dir = save_chat_model(root / "model")
+    model = load_model(model_dir)
+    cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))
+    rng = np.random.default_rng(0)
+    lora = init_lora(model, cfg, seed=0)
+    for sub in lora.values():
+        for ab in sub.values():
+            ab["b"] = jnp.asarray(rng.normal(size=ab["b"].shape) * 0.3, jnp.float32)
+    adapter = export_peft_adapter(lora, cfg, model.spec, root / "adapter", base_model_name_or_path=str(model_dir))
+    spec = save_ablation_spec(root / "spec.safetensors", {1: rng.normal(size=(8, model.spec.d_model))})
+    return model_dir, adapter, spec

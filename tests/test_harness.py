@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import lm_eval
 import numpy as np
 import pytest
-from hf_models import save_chat_model
+from hf_models import save_chat_model_with_adapter
 
 import caft_jax.harness  # registers the caft_jax model type
 
@@ -76,22 +75,8 @@ def responses(results: dict, task: str) -> list:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model dir, adapter dir, spec file, include path)."""
-    from caft_jax import load_model
-    from caft_jax.ablation_spec import save_ablation_spec
-    from caft_jax.export import export_peft_adapter
-    from caft_jax.lora import LoraConfig, init_lora
-
     root = tmp_path_factory.mktemp("harness")
-    model_dir = save_chat_model(root / "model")
-    model = load_model(model_dir)
-    cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))
-    lora = init_lora(model, cfg, seed=0)
-    rng = np.random.default_rng(0)
-    for sub in lora.values():
-        for ab in sub.values():
-            ab["b"] = jnp.asarray(rng.normal(size=ab["b"].shape) * 0.3, jnp.float32)
-    adapter = export_peft_adapter(lora, cfg, model.spec, root / "adapter", base_model_name_or_path=str(model_dir))
-    spec = save_ablation_spec(root / "spec.safetensors", {1: rng.normal(size=(8, model.spec.d_model))})
+    model_dir, adapter, spec = save_chat_model_with_adapter(root)
     return str(model_dir), str(adapter), str(spec), write_tasks(root)
 
 
@@ -152,7 +137,7 @@ def test_bad_model_args_are_clear_errors(tiny):
         caft_jax.harness.CaftLM(pretrained=tiny[0], add_bos_token="maybe")
 
 
-def test_caft_lm_eval_command_runs_lm_evals_cli(tiny, tmp_path):
+def test_caft_lm_eval_command_runs_lm_evals_cli(tiny, tmp_path, capsys):
     from caft_jax.cli.main import main
 
     model_dir, _, _, include = tiny
@@ -161,3 +146,11 @@ def test_caft_lm_eval_command_runs_lm_evals_cli(tiny, tmp_path):
     assert main(argv) == 0
     (result,) = list((tmp_path / "out").rglob("results*.json"))
     assert "acc,none" in json.loads(result.read_text())["results"]["tiny_mc"]
+    # lm-eval's refusals and ours are one line and exit 2
+    bad_task = ["lm-eval", "run", "--model", "caft_jax", "--model_args", f"pretrained={model_dir}", "--tasks",
+                "no_such_task", "--include_path", include]  # fmt: skip
+    assert main(bad_task) == 2
+    bad_path = [*argv[:4], "--model_args", f"pretrained={tmp_path / 'missing'}", *argv[6:]]
+    assert main(bad_path) == 2
+    err = capsys.readouterr().err
+    assert "refused the run: Tasks not found" in err and "does not exist" in err and "Traceback" not in err

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-from hf_models import save_chat_model
+from hf_models import save_chat_model_with_adapter
 
 from caft_jax import jit_forward, load_model
 from caft_jax.cli.evaluate import main as eval_main
@@ -41,22 +41,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """(model dir, adapter dir, ablation spec) of a tiny ChatML llama."""
-    from caft_jax.ablation_spec import save_ablation_spec
-    from caft_jax.export import export_peft_adapter
-    from caft_jax.lora import LoraConfig, init_lora
-
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = save_chat_model(root / "model")
-    model = load_model(model_dir)
-    cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))
-    rng = np.random.default_rng(0)
-    lora = init_lora(model, cfg, seed=0)
-    for sub in lora.values():  # B = 0 would make the adapter a no-op
-        for ab in sub.values():
-            ab["b"] = jnp.asarray(rng.normal(size=ab["b"].shape) * 0.3, jnp.float32)
-    adapter = export_peft_adapter(lora, cfg, model.spec, root / "adapter")
-    spec = save_ablation_spec(root / "spec.safetensors", {1: rng.normal(size=(8, model.spec.d_model))})
-    return model_dir, adapter, spec
+    return save_chat_model_with_adapter(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
