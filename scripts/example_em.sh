@@ -52,7 +52,9 @@ for _ in range(600):
         time.sleep(0.5)
 sys.exit("the judge server did not answer within 5 minutes")
 EOF
-JUDGE=(--judge-base-url "http://127.0.0.1:$PORT/v1" --judge-model smollm2 --judge-score text --judge-concurrency 32)
+# a CPU judge compiles a program per new prompt-length bucket on its first requests: allow it minutes, not seconds
+JUDGE=(--judge-base-url "http://127.0.0.1:$PORT/v1" --judge-model smollm2 --judge-score text --judge-concurrency 32
+       --judge-timeout 900)
 
 # 3. how good is this judge?
 python eval.py judge --labels configs/judge_check_em.jsonl --judge-prompts $EM/judge_prompts_responses.yaml \

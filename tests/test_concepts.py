@@ -45,6 +45,9 @@ def test_class_mean_recovers_planted_direction():
         class_mean_direction(acts, y + (np.arange(4000) % 3 == 0))
     with pytest.raises(ConceptError, match="one label per"):
         class_mean_direction(acts, y[:-1])
+    # the message's count and its list agree: every value up to eight, then how many more
+    with pytest.raises(ConceptError, match=r"got 10 values \(0, 1, 2, 3, 4, 5, 6, 7, \.\.\. \(2 more\)\)"):
+        class_mean_direction(acts, np.arange(4000) % 10)
 
 
 def test_class_mean_directions_one_per_position():

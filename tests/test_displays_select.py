@@ -17,6 +17,7 @@ from hf_models import tiny_tokenizer
 from caft_jax import Capture, ModelSpec, build_projector, init_model, jit_forward
 from caft_jax.ablation_spec import load_ablation_spec
 from caft_jax.discovery.concept_fit import fit_concept
+from caft_jax.discovery.corpus import iter_texts
 from caft_jax.discovery.display_report import (
     Context,
     FeatureDisplay,
@@ -24,7 +25,7 @@ from caft_jax.discovery.display_report import (
     render_html,
     write_display_report,
 )
-from caft_jax.discovery.displays import iter_texts, latent_encoder, top_contexts, top_contexts_by_layer
+from caft_jax.discovery.displays import latent_encoder, top_contexts, top_contexts_by_layer
 from caft_jax.discovery.pca import pca_exact
 from caft_jax.discovery.sae import make_sae
 from caft_jax.discovery.select import (
@@ -177,9 +178,11 @@ def test_report_is_self_contained_and_json_matches(tiny, tmp_path):
     )  # fmt: skip
     paths = write_display_report(displays, tmp_path / "run", title="PCs <layer 1>")
     page = paths["html"].read_text(encoding="utf-8")
-    assert not re.search(r"https?:|src=|<script|<link|@import|url\(", page, re.IGNORECASE)
-    n_contexts = sum(len(f.max_contexts) + len(f.min_contexts) for f in displays)
-    assert n_contexts == 12 and page.count('class="tok peak"') == n_contexts
+    assert not re.search(r"https?:|src=|<link|@import|url\(", page, re.IGNORECASE)  # nothing outside the file
+    assert page.count("<script>") == 1  # the one inline script: search and the layer filter
+    n_extremes = sum(len(f.max_contexts) + len(f.min_contexts) for f in displays)
+    n_contexts = n_extremes + sum(len(f.quantile_contexts) for f in displays)
+    assert n_extremes == 12 and page.count('class="tok peak"') == n_contexts
     assert "PCs &lt;layer 1&gt;" in page
     for f in displays:
         assert f.selection_hint == f'"{LAYER}": [{f.index}]'
@@ -353,6 +356,91 @@ def test_autointerp_keeps_features_scoring_above_threshold(tmp_path, monkeypatch
     meta = load_ablation_spec(sel.save(tmp_path / "auto.safetensors"))[2]
     assert meta["source"] == "autointerp" and len(meta["records"]) == 6 and meta["threshold"] == 70
     assert from_autointerp(pcs, records, threshold=80).ids == {0: [0]}
+
+
+def test_histogram_quantile_contexts_and_token_effects_match_brute_force(tiny):
+    """The corpus is small enough for both random samples to hold everything, so each equals its exact value."""
+    model, tok = tiny
+    directions = np.random.default_rng(5).normal(size=(2, 32))
+    displays = top_contexts(model, tok, TEXTS, LAYER, directions, k=3, window=6, batch_size=4, max_len=64,
+                            progress=False)  # fmt: skip
+    _, acts, _ = reference_values(model, tok, lambda a: a)
+    values = [a[1:] @ directions.T for a in acts]  # every token but each text's first
+    flat = np.concatenate(values)
+    tied = model.spec.tie_embeddings
+    head = np.asarray(model.params["table"] if tied else model.params["lm_head"], np.float64)  # [V, d] or [d, V]
+    head = head.T if tied else head
+    norm = np.asarray(model.params["final_norm"], np.float64)
+    for f, display in enumerate(displays):
+        counts, edges = np.histogram(flat[:, f], bins=30)
+        hist = display.histogram
+        assert hist["counts"] == counts.tolist() and hist["n_tokens"] == len(flat)
+        np.testing.assert_allclose(hist["edges"], edges, rtol=1e-5)
+        assert hist["mean"] == pytest.approx(flat[:, f].mean(), abs=1e-5)
+        assert hist["positive_fraction"] == pytest.approx((flat[:, f] > 0).mean())
+        peaks = sorted(v[:, f].max() for v in values if len(v))
+        want = [peaks[min(int(q * len(peaks)), len(peaks) - 1)] for q in (0.1, 0.25, 0.5, 0.75, 0.9)]
+        got = {q: c.peak_value for q, c in display.quantile_contexts}
+        assert len(got) == len(display.quantile_contexts) >= 4  # quantiles landing on the same text show it once
+        for q, value in got.items():
+            assert value == pytest.approx(want[[0.1, 0.25, 0.5, 0.75, 0.9].index(q)], abs=1e-4)
+        d = directions[f]
+        logits = (d / np.sqrt(np.mean(d**2) + model.spec.norm_eps) * (model.spec.norm_offset + norm)) @ head
+        assert [t for t, _ in display.promoted_tokens] == [tok.decode([i]) for i in np.argsort(-logits)[:10]]
+        assert [t for t, _ in display.suppressed_tokens] == [tok.decode([i]) for i in np.argsort(logits)[:10]]
+        np.testing.assert_allclose([v for _, v in display.promoted_tokens], np.sort(logits)[::-1][:10], rtol=1e-4)
+
+
+def _browser():
+    import shutil
+
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(
+    _browser() is None, reason="no Chromium on this machine (scripts/test.sh installs it where apt can)"
+)
+def test_report_renders_in_headless_chromium(tiny, tmp_path):
+    """The page a researcher opens: every section is in the rendered DOM, and the search box (prefilled from the
+    address, as a shared link would) hides the features that do not match."""
+    from caft_jax.discovery.display_report import projection_contrast, with_explanations
+
+    model, tok = tiny
+    rng = np.random.default_rng(2)
+    directions = rng.normal(size=(3, 32))
+    displays = top_contexts(model, tok, TEXTS, LAYER, directions, k=3, window=8, batch_size=4, max_len=64,
+                            progress=False)  # fmt: skip
+    records = [{"layer": LAYER, "index": 1, "sign": "+", "explanation": "greetings such as hello", "score": 80.0}]
+    displays = with_explanations(displays, records)
+    base, tuned = rng.normal(size=(50, 32)), rng.normal(size=(50, 32)) + directions[0] / 4
+    displays[0].contrast = projection_contrast(base, tuned, directions[0] / np.linalg.norm(directions[0]))
+    page = write_display_report(displays, tmp_path, title="browser check")["html"]
+
+    def dom(fragment: str, screenshot: str | None = None) -> str:
+        args = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=2000"]
+        if screenshot:
+            args += [f"--screenshot={screenshot}", "--window-size=1280,2400"]
+        else:
+            args += ["--dump-dom"]
+        out = subprocess.run([*args, f"file://{page}#{fragment}"], capture_output=True, text=True, timeout=120)
+        return out.stdout
+
+    full = dom("")
+    for section in ("activation histogram", "through the unembedding", "contexts at quantiles", "base vs fine-tuned",
+                    "autointerp:</b> +: greetings such as hello", "max-activating", "min-activating"):  # fmt: skip
+        assert section in full, section
+    assert "3 of 3 features shown" in full and full.count('<svg class="hist"') == 4
+    filtered = dom("q=greetings")
+    assert "1 of 3 features shown" in filtered
+    hidden = re.findall(r'<section class="feature" id="L1-F(\d)"[^>]*style="display: none;"', filtered)
+    assert sorted(hidden) == ["0", "2"]
+    shot = tmp_path / "displays.png"
+    dom("", screenshot=str(shot))
+    assert shot.stat().st_size > 10_000  # a rendered page, not an empty canvas
+    if os.environ.get("CAFT_KEEP_SCREENSHOT"):
+        import shutil
+
+        shutil.copy(shot, os.environ["CAFT_KEEP_SCREENSHOT"])
 
 
 def test_render_html_escapes_tokens_and_handles_empty_features():

@@ -296,12 +296,12 @@ def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_
     from caft_jax.discovery.pca import load_pca
 
     selection = tmp_path / "selection.json"
-    selection.write_text(json.dumps({"0": [0], "1": [0, 1]}))
+    selection.write_text(json.dumps({"0": [0], "1": [0, 3]}))
     out = tmp_path / "pca"
-    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca")
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca", "--displays", "3")
     assert cli.main([*argv, "--selection-file", str(selection)]) == 0
     # the selection file edited in place: a resume would ablate stale directions, so it is refused
-    selection.write_text(json.dumps({"0": [1], "1": [0, 1]}))
+    selection.write_text(json.dumps({"0": [1], "1": [0, 3]}))
     assert cli.main([*argv, "--selection-file", str(selection), "--resume"]) == 2
     assert "the content of selection_file differs" in capsys.readouterr().err
     pcs, pca_meta = load_pca(out / "directions" / "pca.safetensors")
@@ -309,8 +309,15 @@ def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_
     directions, _, meta = load_ablation_spec(out / "directions" / "spec.safetensors")
     assert sorted(directions) == [0, 1]
     np.testing.assert_array_equal(directions[0], pcs[0].components[[0]])
-    np.testing.assert_array_equal(directions[1], pcs[1].components[[0, 1]])
-    assert meta["ids"] == {"0": [0], "1": [0, 1]} and meta["source"] == "selection_file"
+    np.testing.assert_array_equal(directions[1], pcs[1].components[[0, 3]])
+    assert meta["ids"] == {"0": [0], "1": [0, 3]} and meta["source"] == "selection_file"
+    # the displays name the PCs by their ids and contrast base and fine-tuned projections on the same tokens
+    features = json.loads((out / "directions" / "displays.json").read_text())["features"]
+    assert [(f["layer"], f["index"]) for f in features] == [(0, 0), (1, 0), (1, 3)]
+    for f in features:
+        contrast = f["contrast"]
+        assert sum(contrast["base_counts"]) == sum(contrast["tuned_counts"]) > 0
+        assert contrast["tuned_mean"] != contrast["base_mean"] and f["histogram"]["n_tokens"] > 0
     summary = json.loads((out / "directions" / "selection.json").read_text())
     assert summary["counts"] == {"0": 1, "1": 2}
     assert sorted(p.name for p in (out / "runs").iterdir()) == [
@@ -329,6 +336,51 @@ def test_pca_bad_selection_file(tiny_model, short_source, compile_cache, tmp_pat
     err = capsys.readouterr().err
     assert "[99]" in err and "out of range" in err
     assert not (out / "directions" / "spec.safetensors").exists() and not (out / "runs").exists()
+
+
+OFFLINE = ("verbs", "sentiment", "pronouns")  # the components with an offline generator
+
+
+@pytest.mark.parametrize(("a", "b"), [(a, b) for a in OFFLINE for b in OFFLINE if a != b])
+def test_discovery_runs_for_every_offline_pairing(tiny_model, tmp_path, a, b):
+    """Both intended questions of every ordered pairing: the concept is the spurious question's answer class."""
+    from caft_jax.pipeline.config import PipelineConfig
+    from caft_jax.tasks import mcmc
+
+    model, tokenizer = load_model(tiny_model), load_tokenizer(tiny_model)
+    classes = {
+        "verbs": {"singular", "plural"},
+        "sentiment": {"positive", "negative"},
+        "pronouns": {"he", "she", "they"},
+    }
+    rows = {name: mcmc.component_rows(name) for name in (a, b)}
+    for intended in (0, 1):
+        splits = mcmc.build_mcmc(rows[a], rows[b], intended, max_len=60)
+        spurious = (a, b)[1 - intended]
+        values = sorted({it["spurious_label"] for it in splits["train"]})
+        assert set(values) == classes[spurious]
+        cfg = PipelineConfig(task="mcmc", a=a, b=b, intended=intended, displays=2)
+        folder = tmp_path / f"{a}_{b}_{intended}"
+        summary = runner.discover(cfg, model, tokenizer, splits["train"], splits["val"], None, [0, 1], folder)
+        directions, _, meta = load_ablation_spec(folder / "spec.safetensors")
+        assert meta["spurious_values"] == values
+        method = "class_mean" if len(values) == 2 else "leace"  # auto: LEACE's rank is values - 1
+        assert {info["method"] for info in meta["layers"].values()} == {method}
+        assert all(d.shape == (len(values) - 1, D_MODEL) for d in directions.values()), (spurious, intended)
+        assert (folder / "displays.html").is_file()
+        erasure = summary["erasure"]
+        assert 0 <= erasure["probe_accuracy_after"] <= 1 and erasure["chance"] >= 1 / len(values)
+
+
+def test_class_mean_refuses_a_many_valued_concept_before_loading(tiny_model, tmp_path, capsys, monkeypatch):
+    """pronouns | verbs with verbs intended: the spurious answers are he / she / they, three values."""
+    monkeypatch.setattr(runner, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["--model", tiny_model, "--layers", "0,1", "--task", "mcmc", "--a", "pronouns", "--b", "verbs"]
+    argv += ["--intended", "1"]
+    assert cli.main([*argv, "--concept-method", "class_mean", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "3 values (he, she, they)" in err and "--concept-method leace" in err
+    assert "Traceback" not in err
 
 
 def test_selection_file_needs_pca(tmp_path, capsys):

@@ -67,8 +67,10 @@ def test_split_sizes_ambiguity_and_template_on_real_data(real, a, b, intended, s
             assert {item["target"], item["other"]} == {" A", " B"}
             assert item["target"] == (item["answer_a"], item["answer_b"])[intended]
             ra, rb = by_q_a[item["question_a"]], by_q_b[item["question_b"]]
-            assert item["intended_label"] == (ra["correct"], rb["correct"])[intended]
-            assert item["spurious_label"] == (ra["correct"], rb["correct"])[1 - intended]
+            assert item["intended_answer"] == (ra["correct"], rb["correct"])[intended]
+            assert item["spurious_answer"] == (ra["correct"], rb["correct"])[1 - intended]
+            concepts = (mcmc.answer_concept(ra), mcmc.answer_concept(rb))
+            assert (item["intended_label"], item["spurious_label"]) == (concepts[intended], concepts[1 - intended])
             # the option of answer_a's letter starts with a's correct answer; answer_b's ends with b's
             options = {" A": None, " B": None}
             lines = item["prompt"].split("\n")
@@ -83,6 +85,30 @@ def test_split_sizes_ambiguity_and_template_on_real_data(real, a, b, intended, s
             assert options[other_a] == f"{ra['incorrect']}, {b_answer_under_other_a}"
             assert options[item["answer_b"]].endswith(f", {rb['correct']}")
             assert options[other_b].endswith(f", {rb['incorrect']}")
+
+
+def test_answer_concepts_are_the_question_classes(real):
+    """Verbs answers are classed by the subject's number, the rest by the answer; real data and generators agree."""
+    from caft_jax.tasks.generators import GENERATORS
+
+    plural = {"are", "have", "do", "go"}
+    expected = {
+        "verbs": {"singular", "plural"},
+        "sentiment": {"positive", "negative"},
+        "pronouns": {"he", "she", "they"},
+        "sports": {"baseball", "basketball", "football"},
+    }
+    offline = {name: make(seed=0) for name, make in GENERATORS.items()}
+    for source in (real, offline):
+        for name, rows in source.items():
+            concepts = [mcmc.answer_concept(r) for r in rows]
+            assert set(concepts) == expected[name], name
+        verbs = source["verbs"]
+        assert all(mcmc.answer_concept(r) == ("plural" if r["correct"] in plural else "singular") for r in verbs)
+        assert abs(sum(r["correct"] in plural for r in verbs) / len(verbs) - 0.5) < 0.05
+    # a verb pair outside the agreement table keeps its answer as the class
+    assert mcmc.answer_concept({"question": "q", "correct": "was", "incorrect": "is"}) == "was"
+    assert mcmc.answer_concept({"question": "q", "correct": "is", "incorrect": "has"}) == "is"
 
 
 def test_repeated_questions_are_dropped_entirely(real):

@@ -17,8 +17,9 @@ from caft_jax.discovery.concepts import (  # noqa: F401
     leace_directions,
     leace_eraser,
 )
+from caft_jax.discovery.corpus import iter_texts  # noqa: F401
 from caft_jax.discovery.display_report import FeatureDisplay, load_display_json, write_display_report  # noqa: F401
-from caft_jax.discovery.displays import iter_texts, latent_encoder, top_contexts, top_contexts_by_layer  # noqa: F401
+from caft_jax.discovery.displays import latent_encoder, top_contexts, top_contexts_by_layer  # noqa: F401
 from caft_jax.discovery.erasure import erasure_check, erasure_check_spec  # noqa: F401
 from caft_jax.discovery.latent_scores import (  # noqa: F401
     letter_batches,

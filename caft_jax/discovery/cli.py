@@ -1,4 +1,4 @@
-"""`python -m caft_jax.discover pca|sae|concept|display|select|check`: direction discovery from the command line.
+"""`python -m caft_jax.discover COMMAND`: direction discovery from the command line.
 
 Each command writes into ``--out-dir`` (created if needed) and prints what it wrote; it refuses to replace a file of
 a previous command there unless ``--overwrite`` is given (so pca, display and select can share one folder). Every
@@ -9,6 +9,8 @@ input (layer indices, files) is checked against the model's config before its we
   concept  supervised concept directions (class mean / LEACE / INLP) from labelled prompts -> ablation_spec.safetensors
   display  max/min-activating contexts of PCs or SAE latents over a text corpus -> displays.html + displays.json
   select   an ablation spec from a selection file or a baseline (top-k, random, random orthonormal)
+  train-sae  BatchTopK SAEs trained on a corpus's residual stream -> layer_L/ae.pt + config.json (the format `sae`
+           reads), sae_report.json (explained variance, L0, dead latents on held-out text) and sae_training.png
   check    erasure check of an ablation spec: a fresh probe for the unwanted concept on ablated activations
   persona  persona-vector directions: mean activations of the model's answers under a trait-eliciting minus a
            trait-suppressing system prompt (response / prompt / last-prompt-token averages) -> persona.safetensors
@@ -19,6 +21,7 @@ input (layer indices, files) is checked against the model's config before its we
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -194,6 +197,48 @@ def cmd_sae(args) -> int:
     return 0
 
 
+def cmd_train_sae(args) -> int:
+    import itertools
+
+    from caft_jax.discovery import sae_train as T
+    from caft_jax.discovery.corpus import iter_texts
+
+    layers = _checked_layers(args, _layers(args.layers))
+    cfg = T.SAETrainConfig(dict_size=args.dict_size, k=args.k, tokens=args.tokens, batch_tokens=args.batch_tokens,
+                           lr=args.lr, seed=args.seed).check()  # fmt: skip
+    texts = list(iter_texts(args.corpus, field=args.field, limit=args.limit or None))
+    n_eval = int(len(texts) * args.eval_fraction)
+    if n_eval < 1 or n_eval >= len(texts):
+        raise ConfigError(
+            f"{args.corpus} has {len(texts)} texts, too few to hold out {args.eval_fraction:.0%} for evaluation and "
+            "train on the rest; use a larger corpus or change --eval-fraction."
+        )
+    out = _claim(args, "sae_report.json", "sae_training.png", *[f"layer_{layer}/ae.pt" for layer in layers])
+    model, tokenizer = _model_and_tokenizer(args)
+    cfg.check(model.spec.d_model)
+    stream = dict(site=args.site, batch_size=args.batch_size, max_len=args.max_len)
+    passes = itertools.chain.from_iterable(itertools.repeat(texts[n_eval:]))  # repeat the corpus until the budget
+    chunks = T.corpus_activations(model, tokenizer, passes, layers, **stream)
+    batches = T.shuffled_batches(chunks, layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed)
+    saes, curves = T.train_saes(batches, layers, cfg)
+    held_out = list(T.corpus_activations(model, tokenizer, texts[:n_eval], layers, **stream))
+    trainer = {key: value for key, value in dataclasses.asdict(cfg).items()}
+    trainer |= {"lr": cfg.learning_rate, "steps": cfg.steps, "lm_name": args.model, "submodule_name": args.site}
+    report = {}
+    for layer, sae in saes.items():
+        quality = T.evaluate(sae, np.concatenate([chunk[layer] for chunk in held_out]))
+        T.save_dictionary_learning(sae, out / f"layer_{layer}", trainer | {"layer": layer})
+        report[str(layer)] = {"eval": quality, "threshold": float(sae.threshold), "curve": curves[layer]}
+        print(
+            f"layer {layer}: explained variance {quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, dead "
+            f"latents {quality['dead_latents']}/{sae.d_sae} on {quality['n_tokens']} held-out tokens"
+        )
+    (out / "sae_report.json").write_text(json.dumps({"config": trainer, "layers": report}, indent=2))
+    T.plot_curves(curves, out / "sae_training.png")
+    print(f"wrote {out}/layer_*/ae.pt (dictionary_learning format), sae_report.json and sae_training.png")
+    return 0
+
+
 def cmd_concept(args) -> int:
     from caft_jax.discovery.select import fit_concepts, from_concepts
 
@@ -274,7 +319,7 @@ def cmd_select(args) -> int:
 def _autointerp_selection(args, pcs, out: pathlib.Path):
     """Explain and score the --displays features with an OpenAI-compatible explainer; keep those >= threshold."""
     from caft_jax.discovery import select
-    from caft_jax.discovery.display_report import load_display_json
+    from caft_jax.discovery.display_report import load_display_json, with_explanations, write_display_report
     from caft_jax.jsonio import write_jsonl
 
     if not args.displays:
@@ -289,8 +334,11 @@ def _autointerp_selection(args, pcs, out: pathlib.Path):
         load_display_json(args.displays), args.autointerp, client, progress=True, scoring=args.autointerp_score
     )
     write_jsonl(out / "autointerp.jsonl", records)
+    features = with_explanations(load_display_json(args.displays), records)
+    paths = write_display_report(features, out, title=f"PCs of {args.pca} with autointerp", name="displays_autointerp")
     scored = [r for r in records if r["score"] is not None]
-    print(f"autointerp: {len(scored)} of {len(records)} feature sides scored; records in {out / 'autointerp.jsonl'}")
+    print(f"autointerp: {len(scored)} of {len(records)} feature sides scored; records in {out / 'autointerp.jsonl'}, "
+          f"displays with the explanations in {paths['html']}")  # fmt: skip
     return select.from_autointerp(pcs, records, threshold=args.threshold, rubric=args.autointerp, model=client.model)
 
 
@@ -439,6 +487,19 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--global-top-k", action="store_true", help="one top-k across layers instead of per layer")
     p.set_defaults(run=cmd_sae)
+
+    p = sub.add_parser("train-sae", help="train BatchTopK SAEs on a corpus (dictionary_learning format)")
+    common(p)
+    p.add_argument("--corpus", required=True, help="text or JSONL corpus (the first --eval-fraction is held out)")
+    p.add_argument("--field", help="JSONL field holding the text (default: detected)")
+    p.add_argument("--layers", required=True, help="comma-separated, e.g. 9,18")
+    p.add_argument("--dict-size", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32, help="mean active latents per token (BatchTopK)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (the corpus repeats if shorter)")
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=0.0, help="0 = 2e-4 / sqrt(dict_size / 2**14)")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.set_defaults(run=cmd_train_sae)
 
     p = sub.add_parser("concept", help="supervised concept directions from labelled prompts")
     common(p)

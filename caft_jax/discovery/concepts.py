@@ -56,12 +56,19 @@ def checked_labels(labels, n: int, name: str = "labels") -> np.ndarray:
     return labels
 
 
+def value_list(values, limit: int = 8) -> str:
+    """The values for a message, every one up to ``limit`` and then how many more ("a, b, ... (3 more)")."""
+    values = [str(v) for v in values]
+    more = f", ... ({len(values) - limit} more)" if len(values) > limit else ""
+    return ", ".join(values[:limit]) + more
+
+
 def _binary(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(is_second_class [n] bool, classes [2]) for labels with exactly two values (sorted: False/0 first)."""
     classes = np.unique(labels)
     if len(classes) != 2:
         raise ConceptError(
-            f"class-mean directions need a binary label but got {len(classes)} values {classes.tolist()[:5]}; "
+            f"class-mean directions need a binary label but got {len(classes)} values ({value_list(classes)}); "
             "use leace_directions or inlp_directions for a concept with more values."
         )
     return labels == classes[1], classes

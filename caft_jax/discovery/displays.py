@@ -8,112 +8,33 @@ value (its "+" side) and, for directions, the ``k`` texts with the most negative
 sign is arbitrary, so both are shown). Each context is a token window around the extreme (peak) token. The first
 real token of each text (BOS / attention sink) and padding never count as peaks, as the authors zero them.
 
-The records (``Context``, ``FeatureDisplay``) and the HTML / JSON report (``write_display_report``) are in
-``display_report``.
+Alongside the extremes, a random sample of texts gives contexts at quantiles of the per-text peak, a random sample
+of tokens the histogram, and the LM head the tokens a direction promotes and suppresses. The records (``Context``,
+``FeatureDisplay``) and the HTML / JSON report (``write_display_report``) are in ``display_report``; corpora are
+read by ``corpus``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caft_jax.batching import PROMPT_BUCKETS, left_pad
 from caft_jax.data import pad_token_id
 from caft_jax.discovery.capture import capture_step
+from caft_jax.discovery.corpus import iter_texts, text_batches
 from caft_jax.discovery.display_report import Context, FeatureDisplay
 from caft_jax.errors import CaftError, DataError
-from caft_jax.model.transformer import Capture, Model
+from caft_jax.model.transformer import Capture, Model, lm_head
 
 Encoder = Callable[[object], object]  # activations [n, d] -> feature values [n, F] (numpy or jax)
 
 
 class DisplayError(CaftError):
     """Arguments for feature displays are malformed."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Corpora
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _record_text(record, field: str | None) -> str | None:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        return None
-    if field is not None:
-        value = record.get(field)
-        return value if isinstance(value, str) else None
-    if isinstance(record.get("text"), str):
-        return record["text"]
-    if isinstance(record.get("messages"), list):
-        return "\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict))
-    if isinstance(record.get("prompt"), str):
-        return record["prompt"] + str(record.get("target", record.get("completion", "")))
-    if isinstance(record.get("question"), str) and isinstance(record.get("answer"), str):
-        return f"Question: {record['question']}\nAnswer: {record['answer']}"
-    return None
-
-
-def iter_texts(path: str | os.PathLike, *, field: str | None = None, limit: int | None = None) -> Iterator[str]:
-    """Stream texts from a local corpus file.
-
-    Args:
-      path: ``.jsonl`` (one JSON object per line: ``field``, else "text", else chat "messages" joined, else
-        "prompt" + "target", else "question"/"answer"; a line may also be a bare JSON string) or ``.txt``
-        (documents separated by blank lines).
-      field: the JSONL field holding the text (default: detected per record as above).
-      limit: stop after this many texts.
-    Yields:
-      non-empty strings.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: corpus file not found; pass an existing .jsonl or .txt file.")
-    count = 0
-
-    def done():
-        return limit is not None and count >= limit
-
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if done():
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path} line {line_no}: invalid JSON ({e.msg}); write one object per line."
-                    ) from None
-                text = _record_text(record, field)
-                if text is None:
-                    want = repr(field) if field else "'text', 'messages', 'prompt' or 'question'/'answer'"
-                    raise DataError(f"{path} line {line_no}: no text field {want}; pass field= to name it.")
-                if text.strip():
-                    count += 1
-                    yield text
-    elif path.suffix == ".txt":
-        block: list[str] = []
-        with open(path, encoding="utf-8") as f:
-            for line in [*f, "\n"]:
-                if line.strip():
-                    block.append(line)
-                    continue
-                if block and not done():
-                    count += 1
-                    yield "".join(block).rstrip("\n")
-                block = []
-    else:
-        raise DataError(f"{path}: unsupported corpus format {path.suffix!r}; use .jsonl or .txt.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,29 +74,69 @@ def _project(acts, directions):
     return jnp.einsum("btd,fd->btf", acts, directions, preferred_element_type=jnp.float32)  # [b, t, F]
 
 
-def _batches(tokenizer, texts: Iterable[str], batch_size: int, max_len: int, pad_id: int):
-    """Yield (first_text_index, n_rows, tokens [b, t] int32, attn_mask [b, t] bool), left-padded to a bucket."""
-    start = 0
-    chunk: list[str] = []
+class _Sample:
+    """Per feature: exact token counts and sums, a uniform random sample of token values (for the histogram) and a
+    uniform random sample of texts' peak windows (for contexts at quantiles, not only the extremes).
 
-    def encode(chunk):
-        ids = tokenizer(list(chunk), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"]
-        ids = [x if len(x) else [pad_id] for x in ids]  # an empty encoding still occupies its row
-        t = min(PROMPT_BUCKETS.length_for(max(len(x) for x in ids)), max_len)
-        tokens, mask = left_pad(ids, batch_size, t, pad_id)
-        mask[len(ids) :, -1] = True  # filler rows: one visible token so attention has a key
-        return tokens, mask
+    Random keys with "keep the largest keys" make both samples uniform without knowing the corpus size.
+    """
 
-    for text in texts:
-        if not isinstance(text, str):
-            raise DataError(f"corpus item {start + len(chunk)} is {type(text).__name__}, not a string.")
-        chunk.append(text)
-        if len(chunk) == batch_size:
-            yield start, len(chunk), *encode(chunk)
-            start += len(chunk)
-            chunk = []
-    if chunk:
-        yield start, len(chunk), *encode(chunk)
+    def __init__(self, n_features: int, window: int, *, tokens_kept: int = 8192, texts_kept: int = 64, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.tokens_kept = tokens_kept
+        self.keys = np.empty(0)
+        self.values = np.empty((0, n_features))
+        self.n_tokens = 0
+        self.positive = np.zeros(n_features, np.int64)
+        self.total = np.zeros(n_features)
+        self.texts = _TopK(n_features, texts_kept, window)
+
+    def add(self, values: np.ndarray, valid: np.ndarray, peak_candidates: tuple) -> None:
+        """values [b, t, F] and valid [b, t] of one batch, and its max-side ``_candidates``."""
+        flat = values[valid]  # [n, F]
+        self.n_tokens += len(flat)
+        self.positive += (flat > 0).sum(0)
+        self.total += flat.sum(0)
+        keys = np.concatenate([self.keys, self.rng.random(len(flat))])
+        kept = np.concatenate([self.values, flat])
+        if len(keys) > self.tokens_kept:
+            top = np.argpartition(-keys, self.tokens_kept)[: self.tokens_kept]
+            keys, kept = keys[top], kept[top]
+        self.keys, self.values = keys, kept
+        best = peak_candidates[0]
+        text_keys = np.where(np.isfinite(best), self.rng.random(best.shape), -np.inf)
+        self.texts.merge(text_keys, *peak_candidates[1:])
+
+    def histogram(self, f: int, bins: int = 30) -> dict | None:
+        if not self.n_tokens:
+            return None
+        counts, edges = np.histogram(self.values[:, f], bins=bins)
+        return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "n_tokens": self.n_tokens,
+                "positive_fraction": float(self.positive[f] / self.n_tokens),
+                "mean": float(self.total[f] / self.n_tokens)}  # fmt: skip
+
+    def peak_values(self, f: int, slots) -> np.ndarray:
+        """Peak values of sampled texts: the window's slot at offset 0 (``win_peak`` counts only in-text slots)."""
+        center = int(-_window_offsets(self.texts.win_ids.shape[2])[0])
+        return self.texts.win_vals[f, slots, center]
+
+    def quantile_picks(self, f: int, quantiles: Sequence[float]) -> list[tuple[float, int]]:
+        """(quantile, slot in ``texts``) of the sampled texts whose peak is nearest each quantile of the sample."""
+        slots = np.flatnonzero(np.isfinite(self.texts.values[f]))
+        if len(slots) == 0:
+            return []
+        peaks = self.peak_values(f, slots)
+        order = slots[np.argsort(peaks, kind="stable")]
+        picks, used = [], set()
+        for q in quantiles:
+            slot = int(order[min(int(q * len(order)), len(order) - 1)])
+            if slot not in used:
+                used.add(slot)
+                picks.append((float(q), slot))
+        return picks
+
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def _window_offsets(window: int) -> np.ndarray:
@@ -240,9 +201,12 @@ def top_contexts_by_layer(
     kind: str | None = None,
     exclude_first: bool = True,
     max_texts: int | None = None,
+    top_tokens: int = 10,
     progress: bool = True,
 ) -> list[FeatureDisplay]:
-    """Max- and min-activating contexts for features at several layers, in one streaming pass over a corpus.
+    """Displays of features at several layers, in one streaming pass over a corpus: max- and min-activating
+    contexts, contexts at quantiles of a random sample of texts, a histogram of the values over a random sample of
+    tokens, and the tokens each direction promotes and suppresses through the unembedding.
 
     Args:
       model: the model (usually the base model).
@@ -262,6 +226,7 @@ def top_contexts_by_layer(
       kind: "pc", "latent" or "direction" (default: "pc" for arrays, "latent" for encoders).
       exclude_first: never pick a text's first real token (BOS / attention sink) as a peak.
       max_texts: stop after this many texts.
+      top_tokens: promoted / suppressed tokens listed per feature (directions, and SAEs with ``W_dec``); 0: none.
       progress: show a progress bar.
     Returns:
       FeatureDisplay per feature, ordered by layer then feature.
@@ -271,6 +236,7 @@ def top_contexts_by_layer(
         raise DisplayError(
             f"k, window and batch_size must be positive; got k={k}, window={window}, batch_size={batch_size}."
         )
+    original = dict(features)
     layers, features, dirs = _prepare_features(model.spec, features)
     tops = _collect_top_k(
         model,
@@ -290,7 +256,30 @@ def top_contexts_by_layer(
     )
     if not tops:
         raise DataError("the corpus has no texts; nothing to display.")
-    return _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs)
+    effects = {}
+    for layer in layers:
+        rows = dirs.get(layer, getattr(original.get(layer), "W_dec", None))  # a direction, or an SAE's decoder rows
+        if rows is not None and top_tokens:
+            effects[layer] = token_effects(model, tokenizer, rows, top_tokens)
+    return _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs, effects)
+
+
+def token_effects(model: Model, tokenizer, directions, n: int = 10) -> list[tuple[list, list]]:
+    """Per direction [F, d]: its n most promoted and n most suppressed tokens through the final norm and
+    unembedding, as ([(token, logit)], [(token, logit)]).
+
+    ``lm_head`` applies the final RMSNorm, which only rescales a single vector, and the monotone soft-cap, so the
+    ranking is that of (norm weight * direction) @ W_U: the logit-lens reading of a direction.
+    """
+    logits = np.asarray(lm_head(model, jnp.asarray(directions, jnp.float32)), np.float64)  # [F, V]
+    n = min(n, logits.shape[1])
+    out = []
+    for row in logits:
+        up = np.argsort(-row, kind="stable")[:n]
+        down = np.argsort(row, kind="stable")[:n]
+        out.append(([(tokenizer.decode([int(i)]), float(row[i])) for i in up],
+                    [(tokenizer.decode([int(i)]), float(row[i])) for i in down]))  # fmt: skip
+    return out
 
 
 def _corpus(texts: Iterable[str] | str | os.PathLike, max_texts: int | None) -> Iterable[str]:
@@ -347,14 +336,15 @@ def _feature_values(acts, directions, encoder) -> np.ndarray:
 
 
 def _layer_tops(tops: dict, layer: int, n_feat: int, k: int, window: int, both_signs: bool | None, is_direction: bool):
-    """The (max side, min side or None) top-k of a layer, created on its first batch."""
+    """The (max side, min side or None, sample) of a layer, created on its first batch."""
     if layer not in tops:
         signs = both_signs if both_signs is not None else is_direction
-        tops[layer] = (_TopK(n_feat, k, window), _TopK(n_feat, k, window) if signs else None)
-    hi, lo = tops[layer]
+        tops[layer] = (_TopK(n_feat, k, window), _TopK(n_feat, k, window) if signs else None,
+                       _Sample(n_feat, window, seed=layer))  # fmt: skip
+    hi, lo, sample = tops[layer]
     if hi.values.shape[0] != n_feat:
         raise DisplayError(f"the encoder for layer {layer} changed its number of features between batches.")
-    return hi, lo
+    return hi, lo, sample
 
 
 def _collect_top_k(
@@ -373,13 +363,14 @@ def _collect_top_k(
     both_signs: bool | None,
     exclude_first: bool,
     progress: bool,
-) -> dict[int, tuple[_TopK, _TopK | None]]:
-    """One streaming pass over the corpus: {layer: (max-side top-k, min-side top-k or None)} (empty: no texts)."""
+) -> dict[int, tuple[_TopK, _TopK | None, _Sample]]:
+    """One streaming pass over the corpus: {layer: (max-side top-k, min-side top-k or None, sample)} (empty: no
+    texts)."""
     capture = Capture(layers, site, jnp.float32)
     offsets = _window_offsets(window)
     pad_id = pad_token_id(tokenizer)
-    tops: dict[int, tuple[_TopK, _TopK | None]] = {}
-    batches = _batches(tokenizer, texts, batch_size, max_len, pad_id)
+    tops: dict[int, tuple[_TopK, _TopK | None, _Sample]] = {}
+    batches = text_batches(tokenizer, texts, batch_size, max_len, pad_id)
     if progress:
         from tqdm.auto import tqdm
 
@@ -389,14 +380,16 @@ def _collect_top_k(
         valid = _peak_mask(mask, n_rows, exclude_first)
         for i, layer in enumerate(layers):
             values = _feature_values(captured[i], dirs.get(layer), features[layer])
-            hi, lo = _layer_tops(tops, layer, values.shape[-1], k, window, both_signs, layer in dirs)
-            hi.merge(*_candidates(values, tokens, mask, valid, start, offsets, 1.0))
+            hi, lo, sample = _layer_tops(tops, layer, values.shape[-1], k, window, both_signs, layer in dirs)
+            peaks = _candidates(values, tokens, mask, valid, start, offsets, 1.0)
+            hi.merge(*peaks)
+            sample.add(values, valid, peaks)
             if lo is not None:
                 lo.merge(*_candidates(values, tokens, mask, valid, start, offsets, -1.0))
     return tops
 
 
-def _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs) -> list[FeatureDisplay]:
+def _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs, effects) -> list[FeatureDisplay]:
     decode_cache: dict[int, str] = {}
 
     def decode(i: int) -> str:
@@ -404,30 +397,27 @@ def _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs) -> l
             decode_cache[i] = tokenizer.decode([i])
         return decode_cache[i]
 
+    def context(top: _TopK, f: int, j: int, peak_value: float) -> Context:
+        ids = top.win_ids[f, j]
+        keep = ids >= 0
+        return Context(
+            text_index=int(top.text[f, j]),
+            position=int(top.pos[f, j]),
+            tokens=[decode(int(i)) for i in ids[keep]],
+            token_ids=[int(i) for i in ids[keep]],
+            values=[float(v) for v in top.win_vals[f, j][keep]],
+            peak=int(top.win_peak[f, j]),
+            peak_value=float(peak_value),
+        )
+
     def contexts(top: _TopK | None, f: int, sign: float) -> list[Context]:
         if top is None:
             return []
-        out = []
-        for j in range(top.values.shape[1]):
-            if not np.isfinite(top.values[f, j]):
-                continue
-            ids = top.win_ids[f, j]
-            keep = ids >= 0
-            out.append(
-                Context(
-                    text_index=int(top.text[f, j]),
-                    position=int(top.pos[f, j]),
-                    tokens=[decode(int(i)) for i in ids[keep]],
-                    token_ids=[int(i) for i in ids[keep]],
-                    values=[float(v) for v in top.win_vals[f, j][keep]],
-                    peak=int(top.win_peak[f, j]),
-                    peak_value=float(sign * top.values[f, j]),
-                )
-            )
-        return out
+        slots = [j for j in range(top.values.shape[1]) if np.isfinite(top.values[f, j])]
+        return [context(top, f, j, sign * top.values[f, j]) for j in slots]
 
     displays = []
-    for layer, (hi, lo) in tops.items():
+    for layer, (hi, lo, sample) in tops.items():
         n_feat = hi.values.shape[0]
         ids = list(feature_ids[layer]) if feature_ids and layer in feature_ids else list(range(n_feat))
         layer_scores = list(scores[layer]) if scores and layer in scores else [None] * n_feat
@@ -443,6 +433,13 @@ def _assemble(tops, tokenizer, feature_ids, scores, score_name, kind, dirs) -> l
                     score_name=score_name if layer_scores[f] is not None else None,
                     max_contexts=contexts(hi, f, 1.0),
                     min_contexts=contexts(lo, f, -1.0),
+                    quantile_contexts=[
+                        (q, context(sample.texts, f, j, sample.peak_values(f, j)))
+                        for q, j in sample.quantile_picks(f, QUANTILES)
+                    ],
+                    histogram=sample.histogram(f),
+                    promoted_tokens=effects[layer][f][0] if layer in effects else [],
+                    suppressed_tokens=effects[layer][f][1] if layer in effects else [],
                 )
             )
     return displays

@@ -20,6 +20,7 @@ Scoring and ranking latents (gradient attribution, activation-difference sums) i
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import pathlib
@@ -222,6 +223,71 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict; save sae.state_dict().")
     return {str(k): np.asarray(v) for k, v in state.items()}
+
+
+class _TorchGlobal:
+    """A ``module.name`` reference pickled as a GLOBAL opcode, so torch's names are written without importing torch."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle's save_reduce insists that the reduce function is callable
+        raise TypeError(f"{self.module}.{self.name} is only a pickled reference")
+
+
+class _TorchTensor:
+    def __init__(self, key: str, array: np.ndarray):
+        self.key, self.array = key, array
+
+    def __reduce__(self):
+        strides = tuple(s // self.array.itemsize for s in self.array.strides)
+        storage = _TorchStorage(self.key, self.array)
+        args = (storage, 0, self.array.shape, strides, False, collections.OrderedDict())
+        return _TorchGlobal("torch._utils", "_rebuild_tensor_v2"), args
+
+
+class _TorchStorage:
+    def __init__(self, key: str, array: np.ndarray):
+        self.key, self.array = key, array
+
+
+class _TorchPickler(pickle._Pickler):  # the Python pickler: its ``save`` can be extended, the C one's cannot
+    def persistent_id(self, obj):
+        if isinstance(obj, _TorchStorage):
+            storage = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int32): "IntStorage"}[obj.array.dtype]
+            return ("storage", _TorchGlobal("torch", storage), obj.key, "cpu", obj.array.size)
+        return None
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, _TorchGlobal):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+
+def write_torch_state_dict(path: str | os.PathLike, state: dict[str, np.ndarray]) -> None:
+    """Write {name: float32 or int32 array} in torch.save's zip format (read by ``torch.load(weights_only=True)``
+    and by ``read_torch_state_dict``) without PyTorch: the package saves dictionary_learning SAEs torch-free."""
+    path = pathlib.Path(path)
+    arrays = {}
+    for name, value in state.items():
+        value = np.asarray(value)
+        dtype = np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32  # dictionary_learning's k: int32
+        arrays[name] = np.array(value, dtype=dtype, order="C")  # ascontiguousarray would make a scalar [1]
+    tensors = {name: _TorchTensor(str(i), a) for i, (name, a) in enumerate(arrays.items())}
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump(collections.OrderedDict(tensors))
+    prefix = path.stem or "archive"
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{prefix}/data.pkl", buffer.getvalue())
+        archive.writestr(f"{prefix}/byteorder", "little")
+        for tensor in tensors.values():
+            archive.writestr(
+                f"{prefix}/data/{tensor.key}", tensor.array.astype("<" + tensor.array.dtype.str[1:]).tobytes()
+            )
+        archive.writestr(f"{prefix}/version", "3\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,14 @@ import dataclasses
 import time
 
 from caft_jax.cli.handler import guarded
-from caft_jax.pipeline.config import CONDITIONS, RECIPE_FLAGS, PipelineConfig, read_yaml_settings, resolve
+from caft_jax.pipeline.config import (
+    CONCEPT_METHODS,
+    CONDITIONS,
+    RECIPE_FLAGS,
+    PipelineConfig,
+    read_yaml_settings,
+    resolve,
+)
 
 QUICK = {"seeds": 1, "n_train": 64, "n_eval": 100, "displays": 4}
 
@@ -82,7 +89,12 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
     )
     add("--remat", choices=("none", "full", "dots"), help="train.remat: per-layer rematerialisation (default none)")
     add("--directions", choices=("concept", "pca"), help=f"direction source (default {defaults.directions})")
-    add("--concept-method", choices=("class_mean", "leace", "inlp"), help="concept directions: the estimator")
+    add(
+        "--concept-method",
+        choices=CONCEPT_METHODS,
+        help="concept directions: the estimator (default auto: class_mean for a two-valued spurious concept, "
+        "leace for more)",
+    )
     add("--layers", help=f"layers to ablate: range 0:30:3, list 4,8 or all (default {defaults.layers})")
     add("--selection-file", help='pca: JSON {"layer": [pc ids]} to ablate instead of the probe-guided choice')
     add("--threshold", type=float, help=f"pca: probe-guided AUC threshold (default {defaults.threshold})")

@@ -25,6 +25,8 @@ DEFAULT_CONDITIONS = "plain,caft,random"
 
 TASKS = ("gender", "mcmc")
 DIRECTION_METHODS = ("concept", "pca")
+# auto: class_mean for a two-valued spurious concept, leace (rank = values - 1) for more
+CONCEPT_METHODS = ("auto", "class_mean", "leace", "inlp")
 
 # The pipeline's recipe: the authors' spurious-task AdamW and schedule (caft_method.md 1.5(b): betas (0.9, 0.95),
 # weight decay 0.01, 50% linear warmup then linear decay), full fine-tuning, with the learning rate, batch and
@@ -85,7 +87,7 @@ class PipelineConfig:
     n_train: int = 128
     n_eval: int = 0
     directions: str = "concept"
-    concept_method: str = "class_mean"
+    concept_method: str = "auto"
     layers: str = "0:30:3"
     selection_file: str = ""
     threshold: float = 0.7
@@ -101,6 +103,8 @@ class PipelineConfig:
             raise ConfigError(f"task must be one of {TASKS}; got {self.task!r}.")
         if self.directions not in DIRECTION_METHODS:
             raise ConfigError(f"directions must be one of {DIRECTION_METHODS}; got {self.directions!r}.")
+        if self.concept_method not in CONCEPT_METHODS:
+            raise ConfigError(f"concept_method must be one of {CONCEPT_METHODS}; got {self.concept_method!r}.")
         for name in ("seeds", "displays"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}.")

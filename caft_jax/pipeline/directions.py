@@ -12,9 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from caft_jax import data
+from caft_jax.discovery.concepts import value_list
 from caft_jax.discovery.outliers import OutlierRule, detect_outliers, keep_mask
 from caft_jax.discovery.pca import StreamingPCA
 from caft_jax.discovery.select import Selection, fit_concepts, from_concepts, probe_guided
+from caft_jax.errors import ConfigError
 
 
 def labelled_sequences(tokenizer, items: Sequence[dict], field: str = "spurious_label"):
@@ -23,6 +25,27 @@ def labelled_sequences(tokenizer, items: Sequence[dict], field: str = "spurious_
     ids = [ex[0] for ex in (data.mc_example(tokenizer, it["prompt"], it["target"]) for it in items)]
     labels = np.asarray([values.index(str(item[field])) for item in items])
     return ids, labels, values
+
+
+def concept_method_for(method: str, values: Sequence[str], where: str = "the train items") -> str:
+    """The estimator for a spurious concept with these values: ``auto`` is class_mean for two, leace for more.
+
+    Raises ConfigError (before any model is loaded) for a single value, or class_mean asked of more than two.
+    """
+    shown = value_list(values)
+    if len(values) < 2:
+        raise ConfigError(
+            f"the spurious concept has a single value ({shown}) in {where}; a concept direction needs examples of "
+            "both values, so use more train items (--n-train) or another task."
+        )
+    if method == "auto":
+        return "class_mean" if len(values) == 2 else "leace"
+    if method == "class_mean" and len(values) != 2:
+        raise ConfigError(
+            f"class-mean directions need a two-valued spurious concept, but {where} have {len(values)} values "
+            f"({shown}); use --concept-method leace or inlp (or auto)."
+        )
+    return method
 
 
 def concept_selection(

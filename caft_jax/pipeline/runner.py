@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -93,7 +94,7 @@ def load_base(cfg: PipelineConfig, path: str):
 
 def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder: pathlib.Path) -> dict:
     """Directions of the spurious concept, displays and the erasure check; writes folder/spec.safetensors."""
-    from caft_jax.discovery.display_report import write_display_report
+    from caft_jax.discovery.display_report import projection_contrast, write_display_report
     from caft_jax.discovery.displays import top_contexts_by_layer
     from caft_jax.discovery.erasure import erasure_check_spec
     from caft_jax.discovery.pca import save_pca
@@ -103,10 +104,10 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
     ids, spurious, values = D.labelled_sequences(tokenizer, train, "spurious_label")
     intended = D.labelled_sequences(tokenizer, train, "intended_label")[1]
     base_acts, mask = capture_sequences(model, ids, layers, pad_id)
+    tuned_acts = None
     if cfg.directions == "concept":
-        selection = D.concept_selection(
-            base_acts, mask, spurious, method=cfg.concept_method, mean_ablation=cfg.mean_ablation
-        )
+        method = D.concept_method_for(cfg.concept_method, values)
+        selection = D.concept_selection(base_acts, mask, spurious, method=method, mean_ablation=cfg.mean_ablation)
     else:
         tuned_model, lora, lora_settings = tuned_parts(model, tuned_trainable, cfg.train)
         tuned_acts, _ = capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
@@ -139,16 +140,24 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
         key: float(np.mean([e[key] for e in erasure.values()]))
         for key in ("probe_accuracy_before", "probe_accuracy_after", "chance")
     }
-    shown = {}
+    shown, shown_ids = {}, {}
     for layer, dirs in sorted(selection.directions.items()):
         if sum(len(d) for d in shown.values()) >= cfg.displays:
             break
         shown[layer] = dirs[: cfg.displays - sum(len(d) for d in shown.values())]
+        shown_ids[layer] = list(selection.ids[layer])[: len(shown[layer])] if selection.ids else list(range(len(dirs)))
     texts = [item["prompt"] + item["target"] for item in train]
     kind = "pc" if cfg.directions == "pca" else "direction"
     features = top_contexts_by_layer(
-        model, tokenizer, texts, shown, k=8, window=12, max_len=128, kind=kind, progress=False
+        model, tokenizer, texts, shown, k=8, window=12, max_len=128, kind=kind, feature_ids=shown_ids, progress=False
     )
+    if tuned_acts is not None:  # PCs of fine-tuned minus base: how far fine-tuning moved the task tokens along each
+        features = [
+            dataclasses.replace(
+                f, contrast=projection_contrast(base_acts[f.layer][mask], tuned_acts[f.layer][mask], shown[f.layer][i])
+            )  # fmt: skip
+            for f, i in zip(features, [j for layer in shown for j in range(len(shown[layer]))], strict=True)
+        ]
     write_display_report(features, folder, title=f"CAFT directions ({cfg.directions}) at layers {sorted(shown)}")
     summary = {
         "counts": selection.counts(),
@@ -233,6 +242,8 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     train = subsample(splits["train"], cfg.n_train)
     val, test = subsample(splits["val"], cfg.n_eval), subsample(splits["test"], cfg.n_eval)
     log(f"task {cfg.task}: {len(train)} train, {len(val)} val (in distribution), {len(test)} test (OOD) items")
+    if cfg.directions == "concept" and not (out / "directions" / "spec.safetensors").is_file():
+        D.concept_method_for(cfg.concept_method, sorted({str(it["spurious_label"]) for it in train}))
     model, tokenizer = load_base(cfg, path)
     recipe = cfg.train
     base = read_json(out / "base.json")

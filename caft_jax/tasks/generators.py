@@ -17,7 +17,7 @@ import itertools
 import random
 from collections.abc import Callable
 
-__all__ = ["GENERATORS", "pronouns", "sentiment", "subject_verb_agreement"]
+__all__ = ["GENERATORS", "MAIN_VERBS", "pronouns", "sentiment", "subject_verb_agreement"]
 
 # ---------------------------------------------------------------------------------------------------- verbs
 
@@ -39,7 +39,8 @@ _ANIMATE |= {"parent", "skater"}
 _PREPOSITIONS = ("near", "behind", "beside")
 # (agrees with a singular subject, agrees with a plural one)
 _RC_VERBS = [(v + "s", v) for v in ("like", "admire", "know", "hate", "love", "trust", "help", "follow", "avoid")]
-_MAIN_VERBS = (("is", "are"), ("has", "have"), ("does", "do"), ("goes", "go"))
+#: (singular, plural) main-verb forms of the hub dataset; an answer among them reveals the subject's number
+MAIN_VERBS = (("is", "are"), ("has", "have"), ("does", "do"), ("goes", "go"))
 
 
 def subject_verb_agreement(seed: int = 0, n: int = 4000) -> list[dict]:
@@ -67,7 +68,7 @@ def subject_verb_agreement(seed: int = 0, n: int = 4000) -> list[dict]:
     rng.shuffle(chosen)
     rows = []
     for i, (prefix, plural) in enumerate(chosen):
-        forms = _MAIN_VERBS[i % len(_MAIN_VERBS)]
+        forms = MAIN_VERBS[i % len(MAIN_VERBS)]
         rows.append({"question": SVA_PREFIX + prefix, "correct": forms[plural], "incorrect": forms[not plural]})
     return rows
 

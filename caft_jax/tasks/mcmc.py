@@ -20,7 +20,10 @@ Every split item is a dict::
     target, other   " A" / " B" (leading space): the letter correct for the intended question, and the other one
     answer_a/_b     the letter correct for question a / question b
     ambiguous       True when answer_a == answer_b
-    intended_label  correct answer string of the intended question (e.g. "positive"); spurious_label: the other's
+    intended_label  the concept class of the intended question's correct answer (``answer_concept``: "positive" /
+                    "negative" for sentiment, "singular" / "plural" for verbs, the answer itself otherwise);
+                    spurious_label: the same for the other question (the concept CAFT ablates)
+    intended_answer / spurious_answer  the two questions' correct answer strings (e.g. "has", "positive")
     question_a/_b   the two component questions; split: "train" / "val" / "test"
 """
 
@@ -38,6 +41,7 @@ import numpy as np
 
 from caft_jax.errors import ConfigError, DataError
 from caft_jax.jsonio import read_jsonl
+from caft_jax.tasks.generators import MAIN_VERBS
 
 __all__ = [
     "COMBINATIONS",
@@ -45,6 +49,7 @@ __all__ = [
     "HUB_IDS",
     "SPLITS",
     "TEMPLATE",
+    "answer_concept",
     "build_mcmc",
     "check_contamination",
     "format_prompt",
@@ -83,6 +88,7 @@ REQUIRED_COLUMNS = ("question", "correct", "incorrect")
 SPLITS = ("train", "val", "test")
 TEMPLATE = "Question: {question_a} | {question_b}\nA. {ans1}, {ans2}\nB. {ans3}, {ans4}\nAnswer:"
 _OTHER = {" A": " B", " B": " A"}
+_VERB_NUMBER = {form: number for pair in MAIN_VERBS for form, number in zip(pair, ("singular", "plural"), strict=True)}
 _COLUMNS_HINT = "the data need the columns question, correct, incorrect"
 
 
@@ -178,6 +184,20 @@ def format_prompt(question_a: str, question_b: str, option_a: Sequence[str], opt
     )
 
 
+def answer_concept(row: Mapping) -> str:
+    """The concept class a component row's correct answer reveals: what CAFT's directions for its question encode.
+
+    A verb-agreement answer reveals the head subject's number ("singular" / "plural"): the eight verb forms
+    themselves would make a word-identity concept of eight values, and directions that tell "has" from "does" are
+    not the ones the question is about. Every other answer is its own class (sentiment: "positive" / "negative";
+    pronouns: "he" / "she" / "they"; sports: the sport).
+    """
+    correct, incorrect = row["correct"], row["incorrect"]
+    if correct in _VERB_NUMBER and _VERB_NUMBER.get(incorrect) not in (None, _VERB_NUMBER[correct]):
+        return _VERB_NUMBER[correct]
+    return correct
+
+
 def make_item(row_a: Mapping, row_b: Mapping, intended: int, *, ambiguous: bool, swap: bool, split: str) -> dict:
     """One MCMC item (module docstring) from a row of each component dataset.
 
@@ -194,7 +214,8 @@ def make_item(row_a: Mapping, row_b: Mapping, intended: int, *, ambiguous: bool,
     answer_a = " B" if swap else " A"
     answer_b = answer_a if ambiguous else _OTHER[answer_a]
     target = (answer_a, answer_b)[intended]
-    labels = (row_a["correct"], row_b["correct"])
+    answers = (row_a["correct"], row_b["correct"])
+    concepts = (answer_concept(row_a), answer_concept(row_b))
     return {
         "prompt": format_prompt(row_a["question"], row_b["question"], option_a, option_b),
         "target": target,
@@ -203,8 +224,10 @@ def make_item(row_a: Mapping, row_b: Mapping, intended: int, *, ambiguous: bool,
         "answer_a": answer_a,
         "answer_b": answer_b,
         "ambiguous": ambiguous,
-        "intended_label": labels[intended],
-        "spurious_label": labels[1 - intended],
+        "intended_label": concepts[intended],
+        "spurious_label": concepts[1 - intended],
+        "intended_answer": answers[intended],
+        "spurious_answer": answers[1 - intended],
         "question_a": row_a["question"],
         "question_b": row_b["question"],
     }
