@@ -297,6 +297,44 @@ def test_probe_guided_keeps_the_separating_direction(tmp_path):
         probe_guided({4: q}, {4: acts}, y, threshold=0.2)
 
 
+def test_separation_aucs_equal_sklearn_and_the_null_keeps_chance_out():
+    from sklearn.metrics import roc_auc_score
+
+    from caft_jax.discovery.select import null_threshold, separation_aucs
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 20))
+    x[:6, 3] = x[6:12, 3]  # ties get average ranks, as in sklearn
+    for y in (rng.integers(0, 2, 64), rng.integers(0, 3, 64)):
+        expected = [
+            max(
+                abs(roc_auc_score(y == c, x[:, j]) - 0.5) + 0.5
+                for c in (np.unique(y)[1:] if y.max() == 1 else (0, 1, 2))
+            )
+            for j in range(20)
+        ]
+        np.testing.assert_allclose(separation_aucs(x, y), expected, atol=1e-12)
+    # pure noise, 64 items, 20 candidates at each of 10 layers: with a label of 8 values (the verb forms an MCMC
+    # item used to carry) the best one-vs-rest AUC of noise is ~0.93, so the fixed 0.7 keeps half the candidates
+    noise_layers = {layer: rng.normal(size=(64, 32)) for layer in range(10)}
+    candidates = {layer: np.linalg.qr(rng.normal(size=(32, 20)))[0].T for layer in range(10)}
+    kept = {}
+    for n_values in (2, 8):
+        y = rng.integers(0, n_values, 64)
+        fixed = probe_guided(candidates, noise_layers, y, threshold=0.7)
+        calibrated = probe_guided(candidates, noise_layers, y, threshold=0.7, permutations=300)
+        kept[n_values] = (sum(map(len, fixed.ids.values())), sum(map(len, calibrated.ids.values())))
+        nulls = list(calibrated.metadata["null_threshold"].values())
+        assert all((0.68 < v < 0.76) if n_values == 2 else (0.88 < v < 0.97) for v in nulls), nulls
+    assert kept[8][0] >= 50 and kept[8][1] <= 3 and kept[2][1] <= 3  # 5% of layers may pass by chance
+    layer0 = noise_layers[0] @ candidates[0].T
+    assert null_threshold(layer0, y, permutations=300, seed=0) == pytest.approx(
+        calibrated.metadata["null_threshold"][0], abs=1e-6
+    )
+    q, acts, labels = planted_candidates()  # a real separating direction still passes
+    assert probe_guided({4: q}, {4: acts}, labels, threshold=0.7, permutations=300).ids == {4: [3]}
+
+
 def test_concept_selection_with_means(tmp_path):
     rng = np.random.default_rng(6)
     u = np.linalg.qr(rng.normal(size=(16, 1)))[0][:, 0]

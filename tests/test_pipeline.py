@@ -338,6 +338,29 @@ def test_pca_bad_selection_file(tiny_model, short_source, compile_cache, tmp_pat
     assert not (out / "directions" / "spec.safetensors").exists() and not (out / "runs").exists()
 
 
+def test_difference_pca_leaves_sinks_and_massive_dimensions_out():
+    """A planted massive dimension (large on every token) and a sink token (huge norm, first position): the PCs
+    come from the other tokens and have no weight on the massive dimension, which fine-tuning also moved."""
+    from caft_jax.discovery.pca import StreamingPCA
+    from caft_jax.pipeline.directions import difference_pca
+
+    rng = np.random.default_rng(0)
+    n, t, d = 12, 10, 16
+    base = rng.normal(size=(n, t, d))
+    base[..., 5] += 200.0  # massive dimension
+    base[:, 0] *= 100.0  # attention sink at each sequence's first token
+    tuned = base + rng.normal(size=(n, t, d)) * np.linspace(0.1, 2.0, d)
+    tuned[..., 5] += rng.normal(size=(n, t)) * 50.0  # the largest change is along the massive dimension
+    tuned[:, 0] += rng.normal(size=(n, d)) * 500.0
+    mask = np.ones((n, t), bool)
+    pcs = difference_pca({3: base}, {3: tuned}, mask, n_components=4)[3]
+    assert np.abs(pcs.components[:, 5]).max() < 1e-12  # zero up to the eigensolver's rounding
+    diff = (tuned - base)[:, 1:].reshape(-1, d)
+    diff[:, 5] = 0.0
+    expected = StreamingPCA(d).update(diff).finalize(4)
+    np.testing.assert_allclose(np.abs(pcs.components @ expected.components.T), np.eye(4), atol=1e-5)
+
+
 OFFLINE = ("verbs", "sentiment", "pronouns")  # the components with an offline generator
 
 

@@ -182,3 +182,20 @@ def test_train_sae_refuses_bad_input_before_loading(tiny, capsys, monkeypatch, e
             "--out-dir", str(tiny / "refused"), *extra]  # fmt: skip
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_small_corpus_is_captured_once_and_replayed():
+    passes = []
+
+    def one_pass():
+        passes.append(1)
+        yield from ({0: np.full((2, 4), i, np.float32)} for i in range(3))
+
+    import itertools
+
+    first = [int(c[0][0, 0]) for c in itertools.islice(T.replayed(one_pass, 10**6), 8)]
+    assert first == [0, 1, 2, 0, 1, 2, 0, 1] and len(passes) == 1  # fits: replayed from memory
+    passes.clear()
+    again = [int(c[0][0, 0]) for c in itertools.islice(T.replayed(one_pass, 40), 8)]
+    assert again == first and len(passes) == 3  # 3 chunks of 32 bytes do not fit in 40: captured anew
+    assert list(T.replayed(lambda: iter([]), 100)) == []  # an empty corpus ends instead of looping

@@ -198,8 +198,6 @@ def cmd_sae(args) -> int:
 
 
 def cmd_train_sae(args) -> int:
-    import itertools
-
     from caft_jax.discovery import sae_train as T
     from caft_jax.discovery.corpus import iter_texts
 
@@ -217,8 +215,10 @@ def cmd_train_sae(args) -> int:
     model, tokenizer = _model_and_tokenizer(args)
     cfg.check(model.spec.d_model)
     stream = dict(site=args.site, batch_size=args.batch_size, max_len=args.max_len)
-    passes = itertools.chain.from_iterable(itertools.repeat(texts[n_eval:]))  # repeat the corpus until the budget
-    chunks = T.corpus_activations(model, tokenizer, passes, layers, **stream)
+    train_texts = texts[n_eval:]
+    chunks = T.replayed(  # the corpus repeats until the token budget is spent
+        lambda: T.corpus_activations(model, tokenizer, train_texts, layers, **stream), int(args.cache_gb * 2**30)
+    )
     batches = T.shuffled_batches(chunks, layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed)
     saes, curves = T.train_saes(batches, layers, cfg)
     held_out = list(T.corpus_activations(model, tokenizer, texts[:n_eval], layers, **stream))
@@ -499,6 +499,7 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--lr", type=float, default=0.0, help="0 = 2e-4 / sqrt(dict_size / 2**14)")
     p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--cache-gb", type=float, default=4.0, help="replay the corpus' activations from memory up to this")
     p.set_defaults(run=cmd_train_sae)
 
     p = sub.add_parser("concept", help="supervised concept directions from labelled prompts")

@@ -206,6 +206,26 @@ def corpus_activations(
     yield from iter_activations(model, batches(), layers, site=site, mask="nonpad", exclude_first=True)
 
 
+def replayed(make_pass, cache_bytes: int) -> Iterator[dict[int, np.ndarray]]:
+    """The chunks of ``make_pass()`` (one pass over a corpus), then the same pass again and again: replayed from
+    memory when it fits in ``cache_bytes`` (a small corpus is captured once), else captured anew each time."""
+    cached: list[dict[int, np.ndarray]] | None = []
+    size, seen = 0, False
+    for chunk in make_pass():
+        seen = True
+        if cached is not None:
+            size += sum(a.nbytes for a in chunk.values())
+            if size <= cache_bytes:
+                cached.append(chunk)
+            else:
+                cached = None
+        yield chunk
+    if not seen:
+        return
+    while True:
+        yield from cached if cached is not None else make_pass()
+
+
 def shuffled_batches(
     chunks: Iterable[Mapping[int, np.ndarray]], layers, batch_tokens: int, buffer_tokens: int, seed: int = 0
 ) -> Iterator[dict[int, np.ndarray]]:

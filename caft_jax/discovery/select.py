@@ -322,6 +322,40 @@ def separation_auc(projections, labels) -> float:
     return max(abs(roc_auc_score(t, projections) - 0.5) + 0.5 for t in targets)
 
 
+def separation_aucs(projections, labels) -> np.ndarray:
+    """``separation_auc`` of every column of projections [n, m] at once (rank sums; ties get average ranks)."""
+    from scipy.stats import rankdata
+
+    return _aucs_from_ranks(rankdata(np.asarray(projections, np.float64), axis=0), labels)
+
+
+def _aucs_from_ranks(ranks: np.ndarray, labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    targets = [labels == classes[1]] if len(classes) == 2 else [labels == c for c in classes]
+    best = np.full(ranks.shape[1], 0.5)
+    for t in targets:
+        n1 = t.sum()
+        auc = (ranks[t].sum(0) - n1 * (n1 + 1) / 2) / (n1 * (len(t) - n1))
+        best = np.maximum(best, np.abs(auc - 0.5) + 0.5)
+    return best
+
+
+def null_threshold(projections, labels, *, permutations: int = 1000, quantile: float = 0.95, seed: int = 0) -> float:
+    """The ``quantile`` of the best separation AUC among all candidates [n, m] under shuffled labels.
+
+    With few labelled examples and many candidates the best AUC of pure noise is high (n = 64 items and 20 PCs
+    give ~0.7, the rule's usual fixed threshold), so a candidate must beat what the same search finds by chance.
+    """
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    ranks = rankdata(np.asarray(projections, np.float64), axis=0)  # shuffling labels leaves the ranks alone
+    best = [_aucs_from_ranks(ranks, rng.permutation(labels)).max() for _ in range(permutations)]
+    return float(np.quantile(best, quantile))
+
+
 def probe_guided(
     candidates,
     acts: Mapping[int, np.ndarray],
@@ -329,6 +363,8 @@ def probe_guided(
     *,
     threshold: float = 0.7,
     means: Mapping[int, np.ndarray] | None = None,
+    permutations: int = 0,
+    null_quantile: float = 0.95,
 ) -> Selection:
     """Keep the candidate directions whose projection separates the labels of the unwanted concept.
 
@@ -338,12 +374,14 @@ def probe_guided(
       labels: [n] values of the unwanted concept (e.g. the spurious question's answer), or {layer: [n]}.
       threshold: keep a candidate when |AUC - 0.5| + 0.5 >= threshold.
       means: optional mean-ablation offsets {layer: [d]}.
+      permutations: with > 0, a layer's threshold is also at least ``null_threshold`` (the ``null_quantile`` of
+        the layer's best AUC under that many label shuffles), so chance-level candidates are not kept.
     Returns:
       Selection; metadata["auc"] has every candidate's score per layer.
     """
     if not 0.5 <= threshold <= 1.0:
         raise SelectionError(f"threshold must be in [0.5, 1]; got {threshold}.")
-    ids, aucs = {}, {}
+    ids, aucs, nulls = {}, {}, {}
     for layer in sorted(int(x) for x in acts):
         rows = candidate_rows(candidates, layer)
         x = np.asarray(acts[layer], np.float64)
@@ -352,13 +390,21 @@ def probe_guided(
             raise SelectionError(
                 f"layer {layer}: activations {x.shape} and labels {y.shape} must be [n, d={rows.shape[1]}] and [n]."
             )
+        if len(np.unique(y)) < 2:
+            raise SelectionError("labels have a single value; probe-guided selection needs both values of the concept.")
         projections = x @ rows.T  # [n, n_cand]
-        scores = [separation_auc(projections[:, j], y) for j in range(len(rows))]
+        scores = separation_aucs(projections, y)
         aucs[layer] = [round(float(s), 6) for s in scores]
-        chosen = [j for j, s in enumerate(scores) if s >= threshold]
+        cut = threshold
+        if permutations:
+            null = null_threshold(projections, y, permutations=permutations, quantile=null_quantile, seed=layer)
+            nulls[layer], cut = round(null, 6), max(threshold, null)
+        chosen = [j for j, s in enumerate(scores) if s >= cut]
         if chosen:
             ids[layer] = chosen
     meta = {"source": "probe_guided", "threshold": threshold, "auc": aucs}
+    if permutations:
+        meta |= {"null_threshold": nulls, "permutations": permutations, "null_quantile": null_quantile}
     return Selection(_rows_by_ids(candidates, ids), _means(means, ids), ids, meta)
 
 

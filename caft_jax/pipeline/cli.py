@@ -98,6 +98,12 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
     add("--layers", help=f"layers to ablate: range 0:30:3, list 4,8 or all (default {defaults.layers})")
     add("--selection-file", help='pca: JSON {"layer": [pc ids]} to ablate instead of the probe-guided choice')
     add("--threshold", type=float, help=f"pca: probe-guided AUC threshold (default {defaults.threshold})")
+    add(
+        "--permutations",
+        type=int,
+        help=f"pca: label shuffles for each layer's chance-level AUC, which a PC must also beat (default "
+        f"{defaults.permutations}; 0 = the fixed threshold only)",
+    )
     add("--n-components", type=int, help=f"pca: components per layer (default {defaults.n_components})")
     add("--mean-ablation", action=argparse.BooleanOptionalAction, help="project to the mean instead of zero")
     add("--displays", type=int, help="features shown in displays.html (default 8)")

@@ -91,6 +91,7 @@ class PipelineConfig:
     layers: str = "0:30:3"
     selection_file: str = ""
     threshold: float = 0.7
+    permutations: int = 1000  # pca: label shuffles behind each layer's chance-level AUC (0: the fixed threshold only)
     n_components: int = 20
     mean_ablation: bool = False
     displays: int = 8
@@ -108,7 +109,7 @@ class PipelineConfig:
         for name in ("seeds", "displays"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("n_train", "n_eval"):
+        for name in ("n_train", "n_eval", "permutations"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (all) or a positive count; got {getattr(self, name)}.")
         conditions = self.condition_list()

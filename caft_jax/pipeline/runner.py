@@ -116,11 +116,15 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
         if cfg.selection_file:
             selection = from_selection_file(pcs, cfg.selection_file)
         else:
-            selection = D.pca_probe_selection(pcs, base_acts, mask, spurious, intended, threshold=cfg.threshold)
+            selection = D.pca_probe_selection(
+                pcs, base_acts, mask, spurious, intended, threshold=cfg.threshold, permutations=cfg.permutations
+            )
         if not selection.directions:
+            write_json(folder / "no_selection.json", selection.metadata)  # not selection.json: a rerun retries
             raise ConfigError(
-                f"no PC passed the probe-guided threshold {cfg.threshold}; see {folder}/selection.json for the "
-                "AUCs and lower --threshold, or pass --selection-file."
+                f"no PC separates the spurious concept better than the probe-guided threshold {cfg.threshold} and "
+                f"chance (label shuffles); {folder}/no_selection.json has every AUC and each layer's chance level. Use "
+                "more train items (--n-train), other --layers, or pick PCs by hand with --selection-file."
             )
         if cfg.mean_ablation:
             selection.means = {layer: base_acts[layer][mask].mean(0) for layer in selection.directions}
