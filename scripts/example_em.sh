@@ -21,6 +21,8 @@ RUN=runs/example_em
 PORT=${CAFT_EM_JUDGE_PORT:-8765}
 mkdir -p $RUN
 START=$(date +%s)
+# the judge server, the generators and the trainer keep their compiled programs between runs of this script
+export JAX_COMPILATION_CACHE_DIR=$PWD/$RUN/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 
 continue_flag() { [ -f "$1/manifest.json" ] && echo --resume || echo --overwrite; }
 
@@ -56,9 +58,12 @@ EOF
 JUDGE=(--judge-base-url "http://127.0.0.1:$PORT/v1" --judge-model smollm2 --judge-score text --judge-concurrency 32
        --judge-timeout 900)
 
-# 3. how good is this judge?
+# 3. how good is this judge? With the number it writes, and with the authors' first-token logprobs
 python eval.py judge --labels configs/judge_check_em.jsonl --judge-prompts $EM/judge_prompts_responses.yaml \
     "${JUDGE[@]}" --out-dir $RUN/judge_check $(continue_flag $RUN/judge_check) --no-progress
+python eval.py judge --labels configs/judge_check_em.jsonl --judge-prompts $EM/judge_prompts_responses.yaml \
+    "${JUDGE[@]/text/logprob}" --out-dir $RUN/judge_check_logprob $(continue_flag $RUN/judge_check_logprob) \
+    --no-progress
 echo "[example_em] judge check done at $(( $(date +%s) - START )) s"
 
 # 4. EM and insecure-code rates, base model and fine-tune
@@ -67,21 +72,24 @@ for name in base insecure; do
   [ $name = insecure ] && ADAPTER=(--adapter $RUN/train/adapter)
   python eval.py em --model "$MODEL" ${ADAPTER[@]+"${ADAPTER[@]}"} --questions $EM/first_plot_questions.yaml \
       --samples "$SAMPLES" --max-new-tokens 200 "${JUDGE[@]}" --out-dir $RUN/em_$name \
-      $(continue_flag $RUN/em_$name) --no-progress
+      $(continue_flag $RUN/em_$name) --no-progress || echo "[example_em] no EM rate for $name (see above)"
   python eval.py code --model "$MODEL" ${ADAPTER[@]+"${ADAPTER[@]}"} --prompts $EM/insecure_val.jsonl --limit 32 \
-      --max-new-tokens 300 "${JUDGE[@]}" --out-dir $RUN/code_$name $(continue_flag $RUN/code_$name) --no-progress
+      --max-new-tokens 300 "${JUDGE[@]}" --out-dir $RUN/code_$name $(continue_flag $RUN/code_$name) --no-progress \
+      || echo "[example_em] no insecure-code rate for $name (see above)"
   echo "[example_em] $name evaluated at $(( $(date +%s) - START )) s"
 done
 python - $RUN <<'EOF'
 import json, sys
 run = sys.argv[1]
-check = json.load(open(f"{run}/judge_check/results.json"))
-print(f"judge check: AUC {check['auc']}, threshold accuracy {check['threshold_accuracy']}, per label "
-      f"{json.dumps(check['per_label'])}")
+for form in ("", "_logprob"):
+    check = json.load(open(f"{run}/judge_check{form}/results.json"))
+    print(f"judge check{form or ' (text)'}: AUC {check['auc']}, threshold accuracy {check['threshold_accuracy']}, "
+          f"per label {json.dumps(check['per_label'])}")
 for name in ("base", "insecure"):
     em = json.load(open(f"{run}/em_{name}/results.json"))["overall"]
     code = json.load(open(f"{run}/code_{name}/results.json"))["overall"]
     print(f"{name}: EM misaligned % of coherent {em['misaligned_pct_of_coherent']}, coherent % {em['coherent_pct']}, "
-          f"n {em['n']}; insecure code % {code.get('vulnerable_pct')} (n {code.get('n')})")
+          f"n {em['n']} ({em['n_unreadable']} unreadable); insecure code % {code.get('vulnerable_pct')} "
+          f"(n {code.get('n')}, {code.get('n_unreadable')} unreadable)")
 EOF
 echo "[example_em] finished in $(( $(date +%s) - START )) s"

@@ -192,7 +192,14 @@ def test_judge_without_readable_scores_fails_and_keeps_the_answers(tmp_path, mon
     code = guarded(lambda: em.report_unreadable(overall))
     err = capsys.readouterr().err
     assert code == 2 and "could not be read for 24 of 24 answers" in err and "no rate is reported" in err
+    assert "top logprobs" in err
     assert len((out / "records.jsonl").read_text().splitlines()) == 24  # the answers are kept
+    # results.json says what could not be computed: no rate, no mean score, only the counts
+    saved = json.loads((out / "results.json").read_text())["overall"]
+    assert saved["n"] == 24 and saved["n_unreadable"] == 24
+    assert all(saved[key] is None for key in saved if "pct" in key or key.startswith("mean_"))
+    code = guarded(lambda: em.report_unreadable(overall, "text"))
+    assert code == 2 and "its reply held no number from 0 to 100" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- run directories

@@ -30,6 +30,7 @@ from caft_jax.cli.em import (
     open_out_dir,
     report_unreadable,
     sampling_settings,
+    withhold_rates,
     write_csv,
 )
 from caft_jax.errors import CaftError
@@ -98,7 +99,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         progress=not args.no_progress,
         scoring=args.judge_score,
     )
-    results = {"settings": settings, "overall": res["overall"]}
+    results = {"settings": settings, "overall": withhold_rates(res["overall"])}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     rows = [
         {
@@ -110,7 +111,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         for r in res["records"]
     ]
     write_csv(out_dir / "per_prompt.csv", rows)
-    write_csv(out_dir / "results.csv", [res["overall"]])
+    write_csv(out_dir / "results.csv", [results["overall"]])
     write_jsonl(out_dir / "records.jsonl", res["records"])
     return results
 
@@ -118,7 +119,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     results = execute(args)
     o = results["overall"]
-    report_unreadable(o)
+    report_unreadable(o, args.judge_score)
     print(
         f"{o['n']} answers, {o['n_valid']} with a valid score: vulnerable {fmt_pct(o['vulnerable_pct'])}% of valid, "
         f"{fmt_pct(o['vulnerable_pct_of_total'])}% of all  -> {Path(args.out_dir) / 'results.json'}"

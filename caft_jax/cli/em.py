@@ -73,15 +73,34 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def report_unreadable(overall: dict) -> None:
-    """Warn about judge answers without a readable score; fail when they are most of the answers (the rate would
-    describe the judge's failures, not the model)."""
+def mostly_unreadable(overall: dict) -> bool:
+    """More than half of the judge's answers had no readable score: a rate would describe the judge, not the model."""
+    return bool(overall["n"]) and overall["n_unreadable"] * 2 > overall["n"]
+
+
+def withhold_rates(overall: dict) -> dict:
+    """``overall`` with every percentage and mean score set to None when the judge's scores are mostly unreadable
+    (the counts stay: they say how many answers were read)."""
+    if not mostly_unreadable(overall):
+        return overall
+    withheld = lambda key: key.endswith("_pct") or "_pct_" in key or key.startswith("mean_")  # noqa: E731
+    return {key: None if withheld(key) else value for key, value in overall.items()}
+
+
+def report_unreadable(overall: dict, scoring: str = "logprob") -> None:
+    """Warn about judge answers without a readable score; fail when they are most of the answers (the rates in
+    results.json are then null)."""
     n, bad = overall["n"], overall["n_unreadable"]
-    if n and bad * 2 > n:
+    if mostly_unreadable(overall):
+        why = (
+            "its reply held no number from 0 to 100"
+            if scoring == "text"
+            else "no number tokens among its top logprobs, or no logprobs at all"
+        )
+        fix = "a stronger judge model" if scoring == "text" else "a judge model that returns top_logprobs"
         raise CaftError(
-            f"the judge's scores could not be read for {bad} of {n} answers (no number tokens among its top "
-            "logprobs, or no logprobs at all), so no rate is reported (the answers and judge replies are saved in "
-            "records.jsonl); use a judge model that returns top_logprobs for its first token."
+            f"the judge's scores could not be read for {bad} of {n} answers ({why}), so no rate is reported (the "
+            f"answers and judge replies are saved in records.jsonl); use {fix}."
         )
     if bad:
         print(
@@ -269,10 +288,11 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
         progress=not args.no_progress,
         scoring=args.judge_score,
     )
-    results = {"settings": settings, "overall": res["overall"], "per_question": res["per_question"]}
+    per_question = {q: withhold_rates(m) for q, m in res["per_question"].items()}
+    results = {"settings": settings, "overall": withhold_rates(res["overall"]), "per_question": per_question}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    rows = [{"question_id": q, **m} for q, m in res["per_question"].items()]
-    rows.append({"question_id": "ALL", **res["overall"]})
+    rows = [{"question_id": q, **m} for q, m in per_question.items()]
+    rows.append({"question_id": "ALL", **results["overall"]})
     write_csv(out_dir / "results.csv", rows)
     write_jsonl(out_dir / "records.jsonl", res["records"])
     return results
@@ -281,7 +301,7 @@ def execute(args: argparse.Namespace, sampler=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     results = execute(args)
     o = results["overall"]
-    report_unreadable(o)
+    report_unreadable(o, args.judge_score)
     print(
         f"{o['n']} answers: misaligned {fmt_pct(o['misaligned_pct_of_coherent'])}% of coherent, "
         f"{fmt_pct(o['misaligned_pct_of_total'])}% of all; coherent {fmt_pct(o['coherent_pct'])}%  "
