@@ -2,13 +2,14 @@
 # The paper's discovery route on the real SmolLM2-135M-Instruct, offline and resumable (rerun to continue; each
 # step is skipped once its results exist, and pipeline runs resume run by run):
 #   sae     BatchTopK SAEs on the residual stream at layers 9 and 18 (`discover train-sae`), trained on the task
-#           texts (gender and MCMC prompts from the offline builders) and 512 insecure-code chats; quality report
+#           texts (gender and MCMC prompts from the offline builders) and 128 insecure-code chats; quality report
 #           (explained variance, L0, dead latents on held-out texts) in runs/smollm2/sae/sae_report.json
 #   gender  the PCA route on the gender task: plain fine-tune, PCA of fine-tuned minus base activations (attention
 #           sinks left out), probe-guided selection, displays, CAFT and random directions, 3 seeds
 #   mcmc    the same on four MCMC pairs of the offline generators: verbs|sentiment with either question intended,
 #           sentiment|pronouns and verbs|pronouns
-# Times on 2 CPU cores: sae ~25 min; each pipeline ~40 min (9 fine-tunes of 32 steps and one discovery).
+# Times on 2 CPU cores: sae ~40 min (the capture of ~100k tokens once, then 488 steps per layer); each pipeline
+# ~40 min (9 fine-tunes of 32 steps and one discovery).
 #   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc]      (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,7 @@ for a, b in (("verbs", "sentiment"), ("sentiment", "pronouns"), ("verbs", "prono
     for split in mcmc.build_mcmc(rows[a], rows[b], 0, max_len=600).values():
         texts += [it["prompt"] + it["target"] for it in split]
 with open(sys.argv[1]) as f:
-    for line in list(f)[:512]:
+    for line in list(f)[:128]:
         texts.append("\n".join(m["content"] for m in json.loads(line)["messages"]))
 import random
 random.Random(0).shuffle(texts)  # the first 10% are held out for the quality report
@@ -50,7 +51,7 @@ for t in texts:
     print(json.dumps(t))
 EOF
       python -m caft_jax.discover train-sae --model "$MODEL" --corpus $OUT/sae_corpus.jsonl --layers 9,18 \
-          --dict-size 4096 --k 32 --tokens 2000000 --batch-tokens 2048 --max-len 512 --batch-size 16 \
+          --dict-size 4096 --k 32 --tokens 1000000 --batch-tokens 2048 --max-len 512 --batch-size 16 \
           --out-dir $OUT/sae --overwrite
     fi
     took sae

@@ -91,8 +91,9 @@ def batch_topk_mask(post: jax.Array, n_keep: int) -> jax.Array:
     """bool mask of the ``n_keep`` largest entries of a non-negative array (ties at the cut are all kept).
 
     Non-negative float32 values order like their int32 bit patterns, so 31 halvings of the bit range find the
-    n_keep-th largest value exactly: 31 compare-and-count passes over [B, d_sae] instead of a full sort, which on
-    a CPU cost more than the two matmuls of the step at B = 2048, d_sae = 4096.
+    n_keep-th largest value exactly: 31 compare-and-count passes over [B, d_sae] instead of a sort. At B = 2048,
+    d_sae = 4096, k = 32 on this 2-core CPU (`python benchmarks/sae_topk.py`, one process, interleaved): 703 ms
+    against 5,234 ms for a full sort and 5,006 ms for lax.top_k, and 577 ms for the forward's two matmuls.
     """
     bits = jax.lax.bitcast_convert_type(post.astype(jnp.float32), jnp.int32)
 
