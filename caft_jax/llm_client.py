@@ -403,7 +403,11 @@ class ChatClient:
         try:
             with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(copies))) as pool:
                 futures = [pool.submit(one, same) for same in copies.values()]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                try:
+                    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:  # Ctrl-C / SIGTERM: leaving the pool would otherwise send every queued request
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 failed = [f for f in done if f.exception() is not None]
                 if failed:
                     for f in futures:

@@ -38,7 +38,11 @@ def summarize(rows: Sequence[dict], metric: str = "accuracy", by: Sequence[str] 
 
 
 def plot_conditions(
-    rows: Sequence[dict], out_png: str | os.PathLike, metric: str = "accuracy", title: str | None = None
+    rows: Sequence[dict],
+    out_png: str | os.PathLike,
+    metric: str = "accuracy",
+    title: str | None = None,
+    legend_title: str = "split",
 ) -> pathlib.Path:
     """Bar chart of the mean ``metric`` per condition with standard-error bars over seeds; one bar colour per split.
 
@@ -46,6 +50,7 @@ def plot_conditions(
       rows: result rows with "condition", optionally "split" and "seed", and the metric.
       out_png: the image to write (parent directories are created).
       metric: the row field to plot.
+      legend_title: what the colours ("split" field) stand for.
     Returns:
       The path written.
     """
@@ -66,13 +71,15 @@ def plot_conditions(
         sems = [cells[c]["sem"] for c in conditions if c in cells]
         label = None if split is None else str(split)
         ax.bar(xs, means, width, yerr=sems, capsize=4, label=label)
-    ax.set_xticks(range(len(conditions)), [str(c) for c in conditions])
+    long_labels = max(len(str(c)) for c in conditions) > 14  # e.g. MCMC pairs: slanted so neighbours do not overlap
+    ax.set_xticks(range(len(conditions)), [str(c) for c in conditions], rotation=20 if long_labels else 0,
+                  ha="right" if long_labels else "center")  # fmt: skip
     ax.set_ylabel(metric.replace("_", " "))
     if metric.endswith("accuracy"):
         ax.set_ylim(0, 1)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # chance for two options
     if len(splits) > 1 or splits[0] is not None:
-        ax.legend(title="split", fontsize="small")
+        ax.legend(title=legend_title, fontsize="small")
     if title:
         ax.set_title(title)
     fig.tight_layout()

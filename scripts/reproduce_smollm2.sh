@@ -5,12 +5,17 @@
 #           texts (gender and MCMC prompts from the offline builders) and 128 insecure-code chats; quality report
 #           (explained variance, L0, dead latents on held-out texts) in runs/smollm2/sae/sae_report.json
 #   gender  the PCA route on the gender task: plain fine-tune, PCA of fine-tuned minus base activations (attention
-#           sinks left out), probe-guided selection, displays, CAFT and random directions, 3 seeds
-#   mcmc    the same on four MCMC pairs of the offline generators: verbs|sentiment with either question intended,
-#           sentiment|pronouns and verbs|pronouns
-# Times on 2 CPU cores: sae ~40 min (the capture of ~100k tokens once, then 488 steps per layer); each pipeline
-# ~40 min (9 fine-tunes of 32 steps and one discovery).
-#   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc]      (default: all three)
+#           sinks and massive dimensions left out), probe-guided selection, displays, CAFT and random directions,
+#           3 seeds; then displays of the 5 top PCs per layer, an autointerp choice by SmolLM2 behind `caft serve`,
+#           and in the same run folder CAFT with the top-5 PCs, with the person's choice
+#           (configs/selections/smollm2_gender_human.json, made from this run's PCs) and with the LLM's
+#   mcmc    plain / CAFT (probe-guided) / random / CAFT with the top-5 PCs on four MCMC pairs of the offline
+#           generators: verbs|sentiment with either question intended, sentiment|pronouns and verbs|pronouns;
+#           MCMC_SEEDS seeds (default 3)
+#   compare the summary figure over the run folders (runs/smollm2/compare/compare.{md,png})
+# Times on 2 CPU cores (AMD EPYC, 2 Dec 2026): a gender fine-tune of 64 steps ~3-5 min, the gender step ~75 min;
+# sae ~40 min (the capture of ~100k tokens once, then 488 steps per layer).
+#   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc] [compare]      (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -19,7 +24,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cpu
 MODEL=$(python -c "from caft_jax.io.gguf import find_smollm2_gguf; print(find_smollm2_gguf())")
 OUT=runs/smollm2
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(sae gender mcmc)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(sae gender mcmc compare)
 mkdir -p $OUT
 START=$(date +%s)
 took() { echo "[reproduce_smollm2] $1 done at $(( $(date +%s) - START )) s"; }
@@ -57,21 +62,58 @@ EOF
     took sae
     ;;
   gender)
-    python -m caft_jax.pipeline --task gender --directions pca --seeds 3 --out $OUT/gender_pca \
-        $(resume_flag $OUT/gender_pca)
+    run=$OUT/gender_pca
+    python -m caft_jax.pipeline --task gender --directions pca --seeds 3 --out $run $(resume_flag $run)
+    # what a person reads to choose: the 5 top PCs at every discovery layer over the train items
+    if [ ! -f $run/human_displays/displays.json ]; then
+      python -c "import json,sys; [print(json.dumps(r['prompt'] + r['target'])) for r in map(json.loads, open(sys.argv[1]))]" \
+          $run/task/train.jsonl > $OUT/gender_train_texts.jsonl
+      python -m caft_jax.discover display --model "$MODEL" --pca $run/directions/pca.safetensors \
+          --corpus $OUT/gender_train_texts.jsonl --n-features 5 --out-dir $run/human_displays --overwrite
+    fi
+    # an LLM's choice from the same displays: SmolLM2 itself behind `caft serve` as explainer and scorer
+    if [ ! -f $run/autointerp/spec_autointerp.safetensors ] && [ ! -f $run/autointerp/failed.txt ]; then
+      python -m caft_jax.serve --model "$MODEL" --port 8011 > $OUT/serve.log 2>&1 &
+      server=$!
+      trap 'kill $server 2>/dev/null || true' EXIT
+      mkdir -p $run/autointerp
+      until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/v1/models')" 2> /dev/null; do
+        sleep 5
+      done
+      OPENAI_API_KEY=local python -m caft_jax.discover select --pca $run/directions/pca.safetensors \
+          --displays $run/human_displays/displays.json --autointerp-base-url http://127.0.0.1:8011/v1 \
+          --autointerp "the gender of a person: male or female professions and pronouns (doctor, nurse, he, she), not the grammatical case of the pronoun" \
+          --autointerp-model base --autointerp-score text --autointerp-timeout 1200 --out-dir $run/autointerp \
+          --name spec_autointerp.safetensors --overwrite 2> >(tee $run/autointerp/stderr.txt >&2) \
+        || tail -1 $run/autointerp/stderr.txt > $run/autointerp/failed.txt
+      kill $server 2>/dev/null || true
+    fi
+    # the same run folder, with the top-PCs baseline and the person's and the LLM's choices (plain runs reused)
+    conditions=plain,caft,random,caft@top5,caft@human
+    files=human=configs/selections/smollm2_gender_human.json
+    if [ -f $run/autointerp/spec_autointerp.safetensors ]; then
+      conditions=$conditions,caft@autointerp
+      files=$files,autointerp=$run/autointerp/spec_autointerp.safetensors
+    fi
+    python -m caft_jax.pipeline --task gender --directions pca --seeds 3 --out $run --resume \
+        --conditions $conditions --selection-file $files
     took gender
     ;;
   mcmc)
     for combo in "verbs sentiment 1" "verbs sentiment 0" "sentiment pronouns 0" "verbs pronouns 0"; do
       read -r a b intended <<< "$combo"
       run=$OUT/mcmc_${a}_${b}_${intended}_pca
-      python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions pca --seeds 3 \
-          --out $run $(resume_flag $run)
+      python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions pca \
+          --seeds "${MCMC_SEEDS:-3}" --conditions plain,caft,random,caft@top5 --out $run $(resume_flag $run)
       took "mcmc $a|$b intended $intended"
     done
     ;;
+  compare)
+    python -m caft_jax.pipeline.compare $(ls -d $OUT/gender_pca $OUT/mcmc_*_pca 2>/dev/null) --out $OUT/compare
+    took compare
+    ;;
   *)
-    echo "unknown step $step; use sae, gender or mcmc" >&2
+    echo "unknown step $step; use sae, gender, mcmc or compare" >&2
     exit 2
     ;;
   esac

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's gender-bias task on Gemma-2-2B, full fine-tuning (caft_method.md 1.5(b), 2.2, 3.3): base model, then
 # plain / CAFT / random-direction fine-tunes x 5 seeds, OOD accuracy on the pronoun case. Settings:
-# configs/pipeline_gender_gemma2_2b.yaml; extra pipeline flags are passed on (e.g. --model DIR --seeds 3
-# --selection-file picked.json --out runs/gender_picked). Results: runs/gender_gemma2_2b/results.md/.csv/.png;
+# configs/pipeline_gender_gemma2_2b.yaml; extra pipeline flags are passed on (e.g. --model DIR --seeds 3, or after
+# reading the displays --selection-file human=picked.json --conditions plain,caft,random,caft@top5,caft@human,
+# which reuses the finished runs). Results: runs/gender_gemma2_2b/results.md/.csv/.png;
 # rerunning continues runs/gender_gemma2_2b (--resume is added when it holds a run and no --overwrite or --out is
 # given). PYTHON overrides the interpreter.
 set -euo pipefail

@@ -217,6 +217,12 @@ def test_selection_file_roundtrip_and_baselines(tmp_path):
     assert meta["source"] == "selection_file" and meta["ids"] == {"0": [3, 1], "2": [0]}
     projector = build_projector(directions, 3, 32)
     assert list(projector.ranks()) == [2, 0, 1]
+    # a spec that `discover select` wrote (e.g. an autointerp choice) reads back as its ids
+    assert read_selection(spec_path) == {0: [3, 1], 2: [0]}
+    np.testing.assert_array_equal(from_selection_file(pcs, spec_path).directions[0], chosen.directions[0])
+    random_orthonormal(32, {0: 1}).save(tmp_path / "no_ids.safetensors")
+    with pytest.raises(SelectionError, match="no ids of the candidates"):
+        read_selection(tmp_path / "no_ids.safetensors")
 
     # a PCAResult works as a candidate source too
     data = np.random.default_rng(1).normal(size=(200, 16))
@@ -394,6 +400,19 @@ def test_autointerp_keeps_features_scoring_above_threshold(tmp_path, monkeypatch
     meta = load_ablation_spec(sel.save(tmp_path / "auto.safetensors"))[2]
     assert meta["source"] == "autointerp" and len(meta["records"]) == 6 and meta["threshold"] == 70
     assert from_autointerp(pcs, records, threshold=80).ids == {0: [0]}
+
+
+def test_autointerp_timeout_must_be_positive(tmp_path, capsys):
+    from caft_jax.discovery.cli import main as discover
+    from caft_jax.discovery.display_report import write_display_report
+    from caft_jax.discovery.pca import pca_exact, save_pca
+
+    pca = save_pca(tmp_path / "pca.safetensors", {0: pca_exact(np.random.default_rng(0).normal(size=(32, 16)), 3)})
+    displays = write_display_report([fake_feature(0, 0, "football")], tmp_path)["json"]
+    argv = ["select", "--pca", str(pca), "--autointerp", "sports", "--displays", str(displays),
+            "--autointerp-timeout", "0", "--out-dir", str(tmp_path / "sel")]  # fmt: skip
+    assert discover(argv) == 2
+    assert "--autointerp-timeout must be a positive number of seconds; got 0.0" in capsys.readouterr().err
 
 
 def test_histogram_quantile_contexts_and_token_effects_match_brute_force(tiny):

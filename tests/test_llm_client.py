@@ -153,6 +153,22 @@ def test_concurrency_is_bounded_and_order_kept():
     assert sorted(done) == list(range(24))
 
 
+def test_interrupt_cancels_the_queued_requests():
+    """Ctrl-C (or the SIGTERM handler's exception) while complete_many waits: the requests not yet sent are dropped,
+    so the command ends once the ones in flight return instead of after sending all of them."""
+    import os
+    import signal
+
+    with FakeOpenAI(lambda req: ("1", [("1", 0.0)]), delay=0.2) as server:
+        client = ChatClient(server.base_url, "m", api_key=KEY, max_concurrency=2)
+        reqs = [{"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 1} for i in range(40)]
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real signal
+        with pytest.raises(KeyboardInterrupt):
+            client.complete_many(reqs, progress=False)
+        sent = server.total_calls
+    assert 1 <= sent <= 8, sent  # 2 at a time for ~0.5 s; all 40 would take 4 s
+
+
 def test_concurrency_bound_holds_across_caller_threads():
     with FakeOpenAI(delay=0.05) as server:
         client = ChatClient(server.base_url, "m", api_key=KEY, max_concurrency=2)

@@ -292,50 +292,92 @@ def test_changed_setting_is_refused(run, capsys):
     assert {p: p.read_bytes() for p in run["out"].rglob("*") if p.is_file()} == before
 
 
-def test_pca_directions_from_a_selection_file(tiny_model, short_source, compile_cache, tmp_path, capsys):
+def test_pca_selections_top_k_and_files_in_one_run(tiny_model, short_source, compile_cache, tmp_path, capsys):
+    """caft@top2 ablates the first 2 PCs at every layer; a selection file added on --resume (caft@human) is made
+    into its own spec from the saved PCs, only the new runs run, and an edited file is refused."""
     from caft_jax.discovery.pca import load_pca
 
-    selection = tmp_path / "selection.json"
-    selection.write_text(json.dumps({"0": [0], "1": [0, 3]}))
     out = tmp_path / "pca"
     argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca", "--displays", "3")
-    assert cli.main([*argv, "--selection-file", str(selection)]) == 0
-    # the selection file edited in place: a resume would ablate stale directions, so it is refused
-    selection.write_text(json.dumps({"0": [1], "1": [0, 3]}))
-    assert cli.main([*argv, "--selection-file", str(selection), "--resume"]) == 2
-    assert "the content of selection_file differs" in capsys.readouterr().err
-    pcs, pca_meta = load_pca(out / "directions" / "pca.safetensors")
+    assert cli.main([*argv, "--conditions", "plain,caft@top2"]) == 0
+    pcs, _ = load_pca(out / "directions" / "pca.safetensors")
     assert sorted(pcs) == [0, 1] and pcs[0].components.shape == (20, D_MODEL)
-    directions, _, meta = load_ablation_spec(out / "directions" / "spec.safetensors")
-    assert sorted(directions) == [0, 1]
-    np.testing.assert_array_equal(directions[0], pcs[0].components[[0]])
-    np.testing.assert_array_equal(directions[1], pcs[1].components[[0, 3]])
-    assert meta["ids"] == {"0": [0], "1": [0, 3]} and meta["source"] == "selection_file"
+    directions, _, meta = load_ablation_spec(out / "directions" / "spec_top2.safetensors")
+    for layer in (0, 1):
+        np.testing.assert_array_equal(directions[layer], pcs[layer].components[:2])
+    assert meta["ids"] == {"0": [0, 1], "1": [0, 1]} and meta["source"] == "top_k_pcs"
+    top2 = json.loads((out / "directions" / "selection_top2.json").read_text())
+    assert top2["counts"] == {"0": 2, "1": 2} and set(top2["erasure"]) == {
+        "probe_accuracy_before", "probe_accuracy_after", "chance"}  # fmt: skip
     # the displays name the PCs by their ids and contrast base and fine-tuned projections on the same tokens
     features = json.loads((out / "directions" / "displays.json").read_text())["features"]
-    assert [(f["layer"], f["index"]) for f in features] == [(0, 0), (1, 0), (1, 3)]
+    assert features and all(f["kind"] == "pc" for f in features)
     for f in features:
         contrast = f["contrast"]
         assert sum(contrast["base_counts"]) == sum(contrast["tuned_counts"]) > 0
         assert contrast["tuned_mean"] != contrast["base_mean"] and f["histogram"]["n_tokens"] > 0
-    summary = json.loads((out / "directions" / "selection.json").read_text())
-    assert summary["counts"] == {"0": 1, "1": 2}
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "caft_seed0.json",
-        "plain_seed0.json",
-        "random_seed0.json",
-    ]
+    before = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
+    assert set(before) == {"plain_seed0.json", "caft@top2_seed0.json"}
+
+    human = tmp_path / "human.json"
+    human.write_text(json.dumps({"0": [0], "1": [0, 3]}))
+    more = [*argv, "--selection-file", f"human={human}", "--conditions", "plain,caft@top2,caft@human,random@human"]
+    assert cli.main([*more, "--resume"]) == 0
+    assert {p.name: p.read_bytes() for p in (out / "runs").iterdir() if p.name in before} == before
+    assert {p.name for p in (out / "runs").iterdir()} == set(before) | {"caft@human_seed0.json",
+                                                                         "random@human_seed0.json"}  # fmt: skip
+    directions, _, meta = load_ablation_spec(out / "directions" / "spec_human.safetensors")
+    np.testing.assert_array_equal(directions[0], pcs[0].components[[0]])
+    np.testing.assert_array_equal(directions[1], pcs[1].components[[0, 3]])
+    assert meta["ids"] == {"0": [0], "1": [0, 3]} and meta["source"] == "selection_file"
+    rows = {c: json.loads((out / "runs" / f"{c}_seed0.json").read_text()) for c in ("caft@human", "random@human")}
+    assert rows["caft@human"]["final_loss"] != rows["random@human"]["final_loss"]
+    assert set(rows["random@human"]["projection"]) == {"0", "1"}
+    table = (out / "results.md").read_text()
+    assert all(f"| {c} |" in table for c in ("plain", "caft@top2", "caft@human", "random@human"))
+    assert "Ablated directions per layer (human): {'0': 1, '1': 2}; erasure check" in table
+    # the selection file edited in place: a resume would ablate stale directions, so it is refused
+    human.write_text(json.dumps({"0": [1], "1": [0, 3]}))
+    assert cli.main([*more, "--resume"]) == 2
+    assert "differs from the file spec_human.safetensors was made from" in capsys.readouterr().err
 
 
-def test_pca_bad_selection_file(tiny_model, short_source, compile_cache, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ({"0": [0], "1": [99]}, "layer 1 ids [99] are out of range; the run keeps 20 PCs per layer"),
+        ({"2": [0]}, "picks PCs at layers [2], where the run finds none"),
+        ({"0": []}, "picks no PC"),
+    ],
+)
+def test_bad_selection_file_is_refused_before_loading(tiny_model, tmp_path, capsys, monkeypatch, ids, message):
+    monkeypatch.setattr(runner, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
     selection = tmp_path / "selection.json"
-    selection.write_text(json.dumps({"0": [0], "1": [99]}))  # 20 components per layer
+    selection.write_text(json.dumps(ids))
     out = tmp_path / "bad"
-    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca")
-    assert cli.main([*argv, "--selection-file", str(selection)]) == 2
+    argv = ["--model", tiny_model, "--layers", "0,1", "--directions", "pca", "--out", str(out)]
+    assert cli.main([*argv, "--selection-file", str(selection), "--conditions", "plain,caft@file"]) == 2
     err = capsys.readouterr().err
-    assert "[99]" in err and "out of range" in err
-    assert not (out / "directions" / "spec.safetensors").exists() and not (out / "runs").exists()
+    assert message in err and "Traceback" not in err
+    assert not (out / "runs").exists()
+
+
+def test_selection_names_in_conditions_are_checked(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    cases = [
+        (["--directions", "pca", "--conditions", "plain,caft@best"], "unknown selection 'best'; use probe, top<k>"),
+        (["--directions", "pca", "--conditions", "plain,caft@top30"], "needs 30 PCs per layer but --n-components"),
+        (["--conditions", "plain,caft@top5"], "top-k selections pick PCs; use --directions pca"),
+        (["--conditions", "plain,plain@top5"], "plain fine-tuning ablates nothing"),
+        (["--directions", "pca", "--selection-file", "h=a.json"], "is used by no condition; add caft@h"),
+        (["--directions", "pca", "--selection-file", "top2=a.json", "--conditions", "plain,caft@top2"],
+         "must be a lower-case word other than probe and top<k>"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli.main([*argv, "--out", out]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_difference_pca_leaves_sinks_and_massive_dimensions_out():
@@ -624,3 +666,32 @@ def test_conditions_must_be_known_and_start_with_plain(tmp_path, capsys):
     assert cli.main(["--steer-coeffs", "a,b", "--out", str(tmp_path / "o")]) == 2
     assert "steer_coeffs 'a,b' must be numbers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_summarizes_runs_per_condition(run, tmp_path, capsys):
+    """compare.md holds each run's OOD accuracy per condition as mean ± s.e. over seeds (the same numbers as the
+    run's own runs/*.json), an MCMC run labelled by its pair and intended question; a folder without results is
+    one line and exit 2."""
+    from caft_jax.pipeline import compare
+
+    mcmc = tmp_path / "mcmc_run"
+    shutil.copytree(run["out"], mcmc, ignore=shutil.ignore_patterns(".jax_cache"))
+    manifest = json.loads((mcmc / "manifest.json").read_text())
+    manifest["recipe"].update(task="mcmc", a="verbs", b="sentiment", intended=0)
+    (mcmc / "manifest.json").write_text(json.dumps(manifest))
+    assert compare.main([str(run["out"]), str(mcmc), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    runs = read_runs(run["out"])
+    base = json.loads((run["out"] / "base.json").read_text())
+    cells = [f"{base['test']:.3f} ± 0.000 (1)"]
+    cells += [f"{mean_sem([runs[(c, s)]['test'] for s in range(2)])} (2)" for c in CONDITIONS]
+    assert "| run | base | plain | caft | random |" in table
+    assert f"| gender | {' | '.join(cells)} |" in table
+    assert f"| verbs/sentiment: verbs intended | {' | '.join(cells)} |" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert len(rows) == 2 * (1 + len(CONDITIONS) * 2)
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp2")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no finished pipeline run" in err and "Traceback" not in err

@@ -301,7 +301,7 @@ def test_autointerp_selection_runs_against_the_server(server, client, tmp_path, 
     monkeypatch.setenv("CAFT_TEST_KEY", KEY)
     argv = ["select", "--pca", str(pca), "--autointerp", "Greetings such as hello.", "--displays", str(displays),
             "--autointerp-base-url", server[0], "--autointerp-model", "caft", "--autointerp-api-key-env",
-            "CAFT_TEST_KEY", "--autointerp-score", "text", "--threshold", "0",
+            "CAFT_TEST_KEY", "--autointerp-score", "text", "--threshold", "0", "--autointerp-timeout", "300",
             "--out-dir", str(tmp_path / "sel")]  # fmt: skip
     code = discover(argv)
     records = [json.loads(line) for line in (tmp_path / "sel" / "autointerp.jsonl").read_text().splitlines()]

@@ -222,7 +222,7 @@ def cmd_train_sae(args) -> int:
     batches = T.shuffled_batches(chunks, layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed)
     saes, curves = T.train_saes(batches, layers, cfg)
     held_out = list(T.corpus_activations(model, tokenizer, texts[:n_eval], layers, **stream))
-    trainer = {key: value for key, value in dataclasses.asdict(cfg).items()}
+    trainer = dataclasses.asdict(cfg)
     trainer |= {"lr": cfg.learning_rate, "steps": cfg.steps, "lm_name": args.model, "submodule_name": args.site}
     report = {}
     for layer, sae in saes.items():
@@ -324,11 +324,14 @@ def _autointerp_selection(args, pcs, out: pathlib.Path):
 
     if not args.displays:
         raise ConfigError("--autointerp needs --displays (the displays.json that `discover display` wrote).")
+    if args.autointerp_timeout <= 0:
+        raise ConfigError(f"--autointerp-timeout must be a positive number of seconds; got {args.autointerp_timeout}.")
     client = select.autointerp_client(
         args.autointerp_base_url,
         args.autointerp_model,
         api_key_env=args.autointerp_api_key_env,
         cache_path=out / "autointerp_cache.jsonl",
+        timeout=args.autointerp_timeout,
     )
     records = select.autointerp_scores(
         load_display_json(args.displays), args.autointerp, client, progress=True, scoring=args.autointerp_score
@@ -535,6 +538,8 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--autointerp-base-url", help="OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (caft serve)")
     p.add_argument("--autointerp-model", help="explainer model name (default: $CAFT_AUTOINTERP_MODEL or gpt-4.1-mini)")
     p.add_argument("--autointerp-api-key-env", default="OPENAI_API_KEY", help="env variable holding the API key")
+    p.add_argument("--autointerp-timeout", type=float, default=60.0, help="seconds per request (a local explainer "
+                   "on a CPU batches many 200-token explanations into one call: give it minutes)")  # fmt: skip
     p.add_argument("--autointerp-score", default="logprob", choices=["logprob", "text"],
                    help="text: the number the explainer writes (digit-splitting tokenizers, e.g. SmolLM2)")  # fmt: skip
     p.add_argument("--name", default="ablation_spec.safetensors")

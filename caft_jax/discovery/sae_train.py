@@ -240,21 +240,25 @@ def shuffled_batches(
     for chunk in chunks:
         pending.append(chunk)
         held += len(chunk[layers[0]])
-        if held < buffer_tokens:
-            continue
-        buffer = {layer: np.concatenate([c[layer] for c in pending]) for layer in layers}
-        order = rng.permutation(held)
-        n_out = (held // 2 // batch_tokens) * batch_tokens or (held // batch_tokens) * batch_tokens
-        for start in range(0, n_out, batch_tokens):
-            ids = order[start : start + batch_tokens]
-            yield {layer: buffer[layer][ids] for layer in layers}
-        rest = order[n_out:]  # the other half stays to mix with the next texts
-        pending, held = [{layer: buffer[layer][rest] for layer in layers}], len(rest)
+        if held >= buffer_tokens:
+            pending, held = yield from _drain(pending, layers, batch_tokens, rng, keep_half=True)
     if held >= batch_tokens:
-        buffer = {layer: np.concatenate([c[layer] for c in pending]) for layer in layers}
-        order = rng.permutation(held)
-        for start in range(0, (held // batch_tokens) * batch_tokens, batch_tokens):
-            yield {layer: buffer[layer][order[start : start + batch_tokens]] for layer in layers}
+        yield from _drain(pending, layers, batch_tokens, rng, keep_half=False)
+
+
+def _drain(pending, layers, batch_tokens: int, rng, *, keep_half: bool):
+    """Yield shuffled minibatches from the pending chunks; with ``keep_half``, about half the tokens stay to mix
+    with the next texts. Returns (the rest as one chunk list, its token count)."""
+    buffer = {layer: np.concatenate([c[layer] for c in pending]) for layer in layers}
+    held = len(buffer[layers[0]])
+    order = rng.permutation(held)
+    n_out = (held // batch_tokens) * batch_tokens
+    if keep_half:
+        n_out = (held // 2 // batch_tokens) * batch_tokens or n_out
+    for start in range(0, n_out, batch_tokens):
+        yield {layer: buffer[layer][order[start : start + batch_tokens]] for layer in layers}
+    rest = order[n_out:]
+    return [{layer: buffer[layer][rest] for layer in layers}], len(rest)
 
 
 # ---------------------------------------------------------------------------------------------------------------

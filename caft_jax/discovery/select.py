@@ -30,11 +30,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from caft_jax.ablation_spec import save_ablation_spec
+from caft_jax.ablation_spec import load_ablation_spec, save_ablation_spec
 from caft_jax.discovery.concept_fit import fit_concept
 from caft_jax.discovery.concepts import ConceptErasure
 from caft_jax.discovery.display_report import Context, FeatureDisplay
-from caft_jax.errors import CaftError
+from caft_jax.errors import CaftError, ProjectorError
 
 DEFAULT_AUTOINTERP_MODEL = "gpt-4.1-mini"
 
@@ -125,10 +125,13 @@ def read_selection(selection: Mapping | str | os.PathLike) -> dict[int, list[int
     """Parse and validate a selection {layer: [ids]} given as a mapping or a JSON file path.
 
     JSON keys are layer numbers as strings, e.g. ``{"12": [3, 5], "14": [0]}``; ids are non-negative integers
-    without repeats. An optional top-level "layers" key holding such a mapping is accepted too.
+    without repeats. An optional top-level "layers" key holding such a mapping is accepted too, and so is a spec
+    file that ``discover select`` wrote (its ids, e.g. an autointerp choice).
     """
     where = "selection"
-    if isinstance(selection, (str, os.PathLike)):
+    if isinstance(selection, (str, os.PathLike)) and pathlib.Path(selection).suffix in (".safetensors", ".npz"):
+        where, selection = str(selection), _spec_ids(selection)
+    elif isinstance(selection, (str, os.PathLike)):
         where = str(selection)
         try:
             selection = json.loads(pathlib.Path(selection).read_text(encoding="utf-8"))
@@ -154,6 +157,22 @@ def read_selection(selection: Mapping | str | os.PathLike) -> dict[int, list[int
             raise SelectionError(f"{where}: layer {layer} ids {list(ids)} must be non-negative and distinct.")
         out[layer] = [int(i) for i in ids]
     return out
+
+
+def _spec_ids(path) -> dict:
+
+    if not pathlib.Path(path).is_file():
+        raise SelectionError(f"{path}: selection file not found.")
+    try:
+        ids = load_ablation_spec(path)[2].get("ids")
+    except ProjectorError as e:
+        raise SelectionError(str(e)) from None
+    if not isinstance(ids, Mapping):
+        raise SelectionError(
+            f"{path} holds directions but no ids of the candidates they came from; write a JSON "
+            '{"layer": [ids]} file or make the spec with `python -m caft_jax.discover select`.'
+        )
+    return ids
 
 
 def _rows_by_ids(source, ids: Mapping[int, Sequence[int]]) -> dict[int, np.ndarray]:

@@ -4,7 +4,8 @@ Steps (each writes its result before the next starts; a rerun with --resume skip
   1. task: build the train/val/test items (gender or double multiple choice; offline templates by default);
   2. base: the untrained model's accuracy;
   3. plain fine-tune, seed 0, then discovery on it: capture, PCA of its differences from the base (or supervised
-     concept directions), displays, and selection (probe-guided by default, or a selection file);
+     concept directions), displays, and the probe-guided selection; conditions such as caft@top5 or caft@human
+     (--selection-file human=F) use other selections of the same PCs, each made when first needed;
   4. plain fine-tunes of the other seeds, CAFT fine-tunes with the selected directions, and the random-direction
      baseline (as many random orthonormal directions per layer), each evaluated in distribution (val) and out of
      distribution (test), the CAFT and random runs also with the ablation kept at test time; --conditions adds the
@@ -96,7 +97,11 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
         "leace for more)",
     )
     add("--layers", help=f"layers to ablate: range 0:30:3, list 4,8 or all (default {defaults.layers})")
-    add("--selection-file", help='pca: JSON {"layer": [pc ids]} to ablate instead of the probe-guided choice')
+    add(
+        "--selection-file",
+        help='pca: name=FILE[,name2=FILE2]: PC ids {"layer": [ids]} a person wrote (or a spec of `discover select`), '
+        "for the conditions that name them (caft@name); a bare FILE is named file",
+    )
     add("--threshold", type=float, help=f"pca: probe-guided AUC threshold (default {defaults.threshold})")
     add(
         "--permutations",
@@ -109,7 +114,9 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
     add("--displays", type=int, help="features shown in displays.html (default 8)")
     add(
         "--conditions",
-        help=f"comma-separated, from {', '.join(CONDITIONS)} (default {defaults.conditions}); plain comes first",
+        help=f"comma-separated, from {', '.join(CONDITIONS)} (default {defaults.conditions}); plain comes first; "
+        "any other may name its directions, e.g. caft@top5 (first 5 PCs per layer), caft@human (--selection-file "
+        "human=F), random@top5 (random with top5's counts); bare names use the probe-guided or concept selection",
     )
     add("--steer-coeffs", help=f"steer: coefficients tried on the validation split (default {defaults.steer_coeffs})")
     return p

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import yaml
 
@@ -22,6 +23,13 @@ from caft_jax.errors import ConfigError
 # preventative steering (add c times the direction, c searched on the validation split).
 CONDITIONS = ("plain", "caft", "random", "caft_detached", "caft_gradient_only", "steer")
 DEFAULT_CONDITIONS = "plain,caft,random"
+# A condition other than plain may name the selection whose directions it uses, as ``caft@top5``: ``probe`` (the
+# default: the probe-guided rule for PCA, the supervised concept directions otherwise), ``top<k>`` (the first k PCs
+# at every discovery layer, the authors' "top PCs" baseline), or a name given in --selection-file (a person's or an
+# LLM's choice). ``random@top5`` is the random baseline with top5's count per layer.
+DEFAULT_SELECTION = "probe"
+TOP_K_SELECTION = re.compile(r"top([1-9][0-9]*)")
+FILE_SELECTION_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 TASKS = ("gender", "mcmc")
 DIRECTION_METHODS = ("concept", "pca")
@@ -118,18 +126,71 @@ class PipelineConfig:
         self.steer_coefficients()
         if self.selection_file and self.directions != "pca":
             raise ConfigError("a selection file picks PCs by id; use it with --directions pca.")
+        self.check_selections(conditions)
         parse_layers(self.layers)
         return self
 
     def condition_list(self) -> list[str]:
         names = [c.strip() for c in self.conditions.split(",") if c.strip()]
-        unknown = sorted(set(names) - set(CONDITIONS))
+        unknown = sorted({n for n in names if split_condition(n)[0] not in CONDITIONS})
         if unknown or not names or len(set(names)) != len(names):
             raise ConfigError(
-                f"conditions {self.conditions!r} must be distinct names among {', '.join(CONDITIONS)}; "
-                f"got {unknown or names}."
+                f"conditions {self.conditions!r} must be distinct names among {', '.join(CONDITIONS)}, each but plain "
+                f"optionally with @selection (e.g. caft@top5); got {unknown or names}."
             )
         return names
+
+    def selection_files(self) -> dict[str, str]:
+        """--selection-file as {selection name: path}: "picked.json" is named ``file``; "human=a.json,llm=b.json"
+        names each."""
+        files = {}
+        for part in [p.strip() for p in self.selection_file.split(",") if p.strip()]:
+            name, equals, path = part.rpartition("=")
+            name = name.strip() if equals else "file"
+            if not FILE_SELECTION_NAME.fullmatch(name) or name == DEFAULT_SELECTION or TOP_K_SELECTION.fullmatch(name):
+                raise ConfigError(
+                    f"selection file name {name!r} must be a lower-case word other than probe and top<k>, as in "
+                    "--selection-file human=picked.json."
+                )
+            if name in files:
+                raise ConfigError(f"selection file name {name!r} is given twice in --selection-file.")
+            files[name] = path.strip()
+        return files
+
+    def selections(self) -> list[str]:
+        """The selections the conditions use, in first-use order (plain uses none)."""
+        used = [split_condition(c)[1] for c in self.condition_list() if c != "plain"]
+        return list(dict.fromkeys(used))
+
+    def check_selections(self, conditions: list[str]) -> None:
+        files = self.selection_files()
+        for condition in conditions:
+            base, selection = split_condition(condition)
+            if base == "plain" and "@" in condition:
+                raise ConfigError(f"condition {condition!r}: plain fine-tuning ablates nothing; write plain.")
+            if selection == DEFAULT_SELECTION or selection in files:
+                continue
+            if TOP_K_SELECTION.fullmatch(selection):
+                if self.directions != "pca":
+                    raise ConfigError(f"condition {condition!r}: top-k selections pick PCs; use --directions pca.")
+                if int(selection[3:]) > self.n_components:
+                    raise ConfigError(
+                        f"condition {condition!r} needs {selection[3:]} PCs per layer but --n-components is "
+                        f"{self.n_components}; lower k or raise --n-components."
+                    )
+                continue
+            named = ", ".join(files) or "none given"
+            raise ConfigError(
+                f"condition {condition!r}: unknown selection {selection!r}; use probe, top<k> (e.g. top5) or a name "
+                f"from --selection-file ({named})."
+            )
+        unused = sorted(set(files) - set(self.selections()))
+        if unused:
+            example = ",".join(f"caft@{name}" for name in unused)
+            raise ConfigError(
+                f"--selection-file {', '.join(unused)} is used by no condition; add {example} (and random@<name> for "
+                "its random baseline) to --conditions."
+            )
 
     def steer_coefficients(self) -> list[float]:
         try:
@@ -147,9 +208,16 @@ class PipelineConfig:
         return {**values, "train": recipe}
 
     def inputs(self) -> dict[str, str]:
-        """Files the run reads by path (fingerprinted by content in the manifest)."""
-        return {"source": self.source, "source_a": self.source_a, "source_b": self.source_b,
-                "selection_file": self.selection_file}  # fmt: skip
+        """Files the run reads by path (fingerprinted by content in the manifest). Selection files are not among
+        them: each is checked against the spec it made (caft_jax.pipeline.selections), so one can be added to a
+        finished run."""
+        return {"source": self.source, "source_a": self.source_a, "source_b": self.source_b}
+
+
+def split_condition(name: str) -> tuple[str, str]:
+    """ "caft@top5" -> ("caft", "top5"); "caft" -> ("caft", "probe")."""
+    base, _, selection = name.partition("@")
+    return base, selection or DEFAULT_SELECTION
 
 
 def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:

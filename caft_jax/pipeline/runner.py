@@ -12,7 +12,8 @@ from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError
 from caft_jax.jsonio import read_json, read_jsonl, write_json, write_jsonl
 from caft_jax.pipeline import directions as D
-from caft_jax.pipeline.config import PipelineConfig, parse_layers
+from caft_jax.pipeline import selections as S
+from caft_jax.pipeline.config import DEFAULT_SELECTION, PipelineConfig, parse_layers, split_condition
 from caft_jax.pipeline.report import markdown_table, write_report
 from caft_jax.pipeline.runs import accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
@@ -93,12 +94,12 @@ def load_base(cfg: PipelineConfig, path: str):
 
 
 def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder: pathlib.Path) -> dict:
-    """Directions of the spurious concept, displays and the erasure check; writes folder/spec.safetensors."""
+    """Directions of the spurious concept, displays and the erasure check; writes folder/spec.safetensors (the
+    probe-guided or concept selection) and, for PCA, folder/pca.safetensors that the other selections pick from."""
     from caft_jax.discovery.display_report import projection_contrast, write_display_report
     from caft_jax.discovery.displays import top_contexts_by_layer
-    from caft_jax.discovery.erasure import erasure_check_spec
     from caft_jax.discovery.pca import save_pca
-    from caft_jax.discovery.select import from_selection_file
+    from caft_jax.discovery.select import top_k_pcs
 
     pad_id = data.pad_token_id(tokenizer)
     ids, spurious, values = D.labelled_sequences(tokenizer, train, "spurious_label")
@@ -113,43 +114,36 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
         tuned_acts, _ = capture_sequences(tuned_model, ids, layers, pad_id, lora=lora, lora_settings=lora_settings)
         pcs = D.difference_pca(base_acts, tuned_acts, mask, n_components=cfg.n_components)
         save_pca(folder / "pca.safetensors", pcs, {"layers": layers, "token_count": int(mask.sum())})
-        if cfg.selection_file:
-            selection = from_selection_file(pcs, cfg.selection_file)
-        else:
-            selection = D.pca_probe_selection(
-                pcs, base_acts, mask, spurious, intended, threshold=cfg.threshold, permutations=cfg.permutations
-            )
+        selection = D.pca_probe_selection(
+            pcs, base_acts, mask, spurious, intended, threshold=cfg.threshold, permutations=cfg.permutations
+        )
         if not selection.directions:
-            write_json(folder / "no_selection.json", selection.metadata)  # not selection.json: a rerun retries
-            raise ConfigError(
-                f"no PC separates the spurious concept better than the probe-guided threshold {cfg.threshold} and "
-                f"chance (label shuffles); {folder}/no_selection.json has every AUC and each layer's chance level. Use "
-                "more train items (--n-train), other --layers, or pick PCs by hand with --selection-file."
-            )
+            write_json(folder / "no_selection.json", selection.metadata)
+            if DEFAULT_SELECTION in cfg.selections():  # no selection.json: a rerun retries
+                raise ConfigError(
+                    f"no PC separates the spurious concept better than the probe-guided threshold {cfg.threshold} "
+                    f"and chance (label shuffles); {folder}/no_selection.json has every AUC and each layer's chance "
+                    "level. Use more train items (--n-train), other --layers, or name other selections in "
+                    "--conditions (caft@top5, or caft@human with --selection-file human=picked.json)."
+                )
         if cfg.mean_ablation:
             selection.means = {layer: base_acts[layer][mask].mean(0) for layer in selection.directions}
-    selection.save(folder / "spec.safetensors", {"spurious_values": values})
-    # Erasure check on the base model's answer-position activations: train probes, score on held-out val items.
-    val_ids, val_spurious, _ = D.labelled_sequences(tokenizer, val, "spurious_label")
-    val_acts, _ = capture_sequences(model, val_ids, sorted(selection.directions), pad_id)
-    erasure = erasure_check_spec(
-        selection.directions,
-        {layer: base_acts[layer][:, -1] for layer in selection.directions},
-        spurious,
-        {layer: x[:, -1] for layer, x in val_acts.items()},
-        val_spurious,
-        selection.means,
-    )
-    mean_erasure = {
-        key: float(np.mean([e[key] for e in erasure.values()]))
-        for key in ("probe_accuracy_before", "probe_accuracy_after", "chance")
-    }
+    if selection.directions:
+        selection.save(S.spec_file(folder, DEFAULT_SELECTION), {"spurious_values": values})
+        erasure = S.erasure_summary(
+            model, tokenizer, train, val, selection.directions, selection.means, train_acts=base_acts
+        )
+    else:
+        erasure = (None, {})
+    shown_selection = selection if selection.directions else top_k_pcs(pcs, 1)
     shown, shown_ids = {}, {}
-    for layer, dirs in sorted(selection.directions.items()):
+    for layer, dirs in sorted(shown_selection.directions.items()):
         if sum(len(d) for d in shown.values()) >= cfg.displays:
             break
         shown[layer] = dirs[: cfg.displays - sum(len(d) for d in shown.values())]
-        shown_ids[layer] = list(selection.ids[layer])[: len(shown[layer])] if selection.ids else list(range(len(dirs)))
+        shown_ids[layer] = (
+            list(shown_selection.ids[layer])[: len(shown[layer])] if shown_selection.ids else list(range(len(dirs)))
+        )
     texts = [item["prompt"] + item["target"] for item in train]
     kind = "pc" if cfg.directions == "pca" else "direction"
     features = top_contexts_by_layer(
@@ -163,14 +157,7 @@ def discover(cfg, model, tokenizer, train, val, tuned_trainable, layers, folder:
             for f, i in zip(features, [j for layer in shown for j in range(len(shown[layer]))], strict=True)
         ]
     write_display_report(features, folder, title=f"CAFT directions ({cfg.directions}) at layers {sorted(shown)}")
-    summary = {
-        "counts": selection.counts(),
-        "erasure": mean_erasure,
-        "erasure_by_layer": {str(k): v for k, v in erasure.items()},
-        "metadata": selection.metadata,
-    }
-    write_json(folder / "selection.json", summary)
-    return summary
+    return S.write_summary(folder, DEFAULT_SELECTION, selection, erasure)
 
 
 # How each condition intervenes with the discovered directions (random: as many random orthonormal ones).
@@ -184,17 +171,16 @@ INTERVENTIONS = {
 
 
 def load_projector(
-    folder: pathlib.Path, spec, *, random_seed: int | None = None, condition: str = "caft", steer_coeff: float = 0.0
+    path: pathlib.Path, spec, *, random_seed: int | None = None, intervention: str = "caft", steer_coeff: float = 0.0
 ):
-    """The condition's projector from folder/spec.safetensors, or (random_seed) as many random orthonormal
-    directions."""
+    """The intervention's projector from the spec file at path, or (random_seed) as many random orthonormal
+    directions per layer."""
     from caft_jax.ablation_spec import check_ablation_spec, projector_from_spec
     from caft_jax.discovery.select import random_orthonormal
 
-    path = folder / "spec.safetensors"
     if random_seed is None:
-        steering = {"steer_coeff": steer_coeff} if condition == "steer" else {}
-        return projector_from_spec(path, spec.n_layers, spec.d_model, **INTERVENTIONS[condition], **steering)
+        steering = {"steer_coeff": steer_coeff} if intervention == "steer" else {}
+        return projector_from_spec(path, spec.n_layers, spec.d_model, **INTERVENTIONS[intervention], **steering)
     directions, means, _ = check_ablation_spec(path, n_layers=spec.n_layers, d_model=spec.d_model)
     counts = {layer: len(d) for layer, d in directions.items()}
     random = random_orthonormal(spec.d_model, counts, seed=random_seed).directions
@@ -209,7 +195,8 @@ def load_projector(
 # Settings a resume may change: each run depends on its own condition only, so conditions can be added to (or left
 # out of) a finished run folder without redoing the others; the steering search keeps one result file per
 # coefficient and picks among the requested ones, so coefficients can be added too.
-RESUME_MAY_CHANGE = ("conditions", "steer_coeffs")
+# A selection file only feeds the conditions that name it, and its spec records the file it came from.
+RESUME_MAY_CHANGE = ("conditions", "steer_coeffs", "selection_file")
 
 
 def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: bool) -> pathlib.Path:
@@ -240,6 +227,9 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     """Run every step (or, with ``resume``, the ones not done yet); returns {"rows", "table", "paths"}."""
     path = model_path(cfg)
     layers = check_against_model(cfg, path)
+    S.check_selection_files(cfg, layers)
+    if resume:
+        S.check_file_specs(cfg, pathlib.Path(cfg.out) / "directions")
     out = open_run_folder(cfg, path, resume=resume, overwrite=overwrite)
     _compile_cache(out / ".jax_cache")
     splits = build_task(cfg, out / "task")
@@ -276,39 +266,41 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     selection = read_json(discovery / "selection.json")
     erasure = selection["erasure"] if selection else None
     title = f"CAFT on {cfg.task}" + (f" ({cfg.a} | {cfg.b}, intended {cfg.intended})" if cfg.task == "mcmc" else "")
-    notes = _notes(cfg, selection)
+    notes = _notes(cfg, {name: read_json(S.summary_file(discovery, name)) for name in cfg.selections()})
     paths = write_report(rows, out, title=title, base=base, erasure=erasure, notes=notes)
     return {"rows": rows, "table": markdown_table(rows, base=base, erasure=erasure), "paths": paths}
 
 
 def condition_run(runs: tuple, condition: str, seed: int, folder: pathlib.Path) -> dict:
     """One condition and seed; steering first searches its coefficient (whose seed-0 run is reused)."""
-    if condition != "steer":
+    if split_condition(condition)[0] != "steer":
         return _one_run(*runs[:1], condition, seed, *runs[1:])
-    coeff = steer_search(runs, folder)
-    searched = read_json(folder / f"steer_c{coeff:g}_seed0.json") if seed == 0 else None
+    coeff = steer_search(runs, condition, folder)
+    searched = read_json(folder / f"{condition}_c{coeff:g}_seed0.json") if seed == 0 else None
     return searched or _one_run(*runs[:1], condition, seed, *runs[1:], steer_coeff=coeff)
 
 
-def steer_search(runs: tuple, folder: pathlib.Path) -> float:
+def steer_search(runs: tuple, condition: str, folder: pathlib.Path) -> float:
     """The steering coefficient with the best validation accuracy (seed 0; ties: the smallest |c|), each tried
-    once: runs/steer_c<c>_seed0.json, the choice in runs/steer_search.json. The test split is never looked at."""
+    once: runs/<condition>_c<c>_seed0.json, the choice in runs/<condition>_search.json. The test split is never
+    looked at."""
     cfg = runs[0]
-    found = read_json(folder / "steer_search.json")
+    found = read_json(folder / f"{condition}_search.json")
     if found is not None:
         return float(found["chosen"])
     tried = {}
     for coeff in cfg.steer_coefficients():
-        path = folder / f"steer_c{coeff:g}_seed0.json"
+        path = folder / f"{condition}_c{coeff:g}_seed0.json"
         row = read_json(path)
         if row is None:
-            row = _one_run(*runs[:1], "steer", 0, *runs[1:], steer_coeff=coeff)
+            row = _one_run(*runs[:1], condition, 0, *runs[1:], steer_coeff=coeff)
             write_json(path, row)
         tried[coeff] = row["val"]
-        runs[-1](f" steer search: c = {coeff:g}: val {row['val']:.3f}")
+        runs[-1](f" {condition} search: c = {coeff:g}: val {row['val']:.3f}")
     chosen = max(tried, key=lambda c: (tried[c], -abs(c)))
     write_json(
-        folder / "steer_search.json", {"val_accuracy": {f"{c:g}": v for c, v in tried.items()}, "chosen": chosen}
+        folder / f"{condition}_search.json",
+        {"val_accuracy": {f"{c:g}": v for c, v in tried.items()}, "chosen": chosen},
     )
     return chosen
 
@@ -317,12 +309,12 @@ def _one_run(
     cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log, steer_coeff: float = 0.0
 ) -> dict:
     projector = None
+    intervention, selection = split_condition(condition)
     if condition != "plain":
-        if not (discovery / "spec.safetensors").is_file():
-            raise ConfigError(f"{discovery}/spec.safetensors is missing; the plain seed-0 run makes it. Rerun.")
-        random_seed = 1000 + seed if condition == "random" else None
+        spec_path = S.ensure_spec(cfg, selection, discovery, model, tokenizer, train, val)
+        random_seed = 1000 + seed if intervention == "random" else None
         projector = load_projector(
-            discovery, model.spec, random_seed=random_seed, condition=condition, steer_coeff=steer_coeff
+            spec_path, model.spec, random_seed=random_seed, intervention=intervention, steer_coeff=steer_coeff
         )
     recipe = cfg.train
     trainable, info = finetune(model, tokenizer, train, recipe, seed=seed, projector=projector, desc=condition)
@@ -331,7 +323,7 @@ def _one_run(
         summary = discover(cfg, model, tokenizer, train, val, trainable, layers, discovery)
         log(f"discovery: {summary['counts']}; erasure check {summary['erasure']}")
     row = {"condition": condition, "seed": seed, **info}
-    if condition == "steer":
+    if intervention == "steer":
         row["steer_coeff"] = steer_coeff
     row["val"] = accuracy(model, tokenizer, val, trainable, recipe)
     row["test"] = accuracy(model, tokenizer, test, trainable, recipe)
@@ -341,12 +333,22 @@ def _one_run(
     return row
 
 
-def _notes(cfg: PipelineConfig, selection: dict | None) -> str:
+def _notes(cfg: PipelineConfig, summaries: dict[str, dict | None]) -> str:
     lines = [
         "ID = val split (train distribution, spurious cue agrees with the intended one); OOD = test split (cues "
         "disagree), accuracy on the intended question; mean ± standard error over seeds.",
         f"Settings: {cfg.experiment()}",
     ]
-    if selection:
-        lines.append(f"Ablated directions per layer: {selection['counts']}")
+    for name, summary in summaries.items():
+        if not summary:
+            continue
+        label = "Ablated directions per layer" + ("" if name == DEFAULT_SELECTION else f" ({name})")
+        erasure = summary.get("erasure")
+        check = (
+            f"; erasure check {erasure['probe_accuracy_before']:.3f} -> {erasure['probe_accuracy_after']:.3f} "
+            f"(chance {erasure['chance']:.3f})"
+            if erasure
+            else ""
+        )
+        lines.append(f"{label}: {summary['counts']}{check}")
     return "\n\n".join(lines)
