@@ -292,14 +292,26 @@ def test_changed_setting_is_refused(run, capsys):
     assert {p: p.read_bytes() for p in run["out"].rglob("*") if p.is_file()} == before
 
 
-def test_pca_selections_top_k_and_files_in_one_run(tiny_model, short_source, compile_cache, tmp_path, capsys):
+def test_pca_selections_top_k_and_files_in_one_run(
+    tiny_model, short_source, compile_cache, tmp_path, capsys, monkeypatch
+):
     """caft@top2 ablates the first 2 PCs at every layer; a selection file added on --resume (caft@human) is made
-    into its own spec from the saved PCs, only the new runs run, and an edited file is refused."""
+    into its own spec from the saved PCs, only the new runs run, and an edited file is refused. The probe-guided
+    rule keeps nothing here, which only stops a run whose conditions use it."""
     from caft_jax.discovery.pca import load_pca
+    from caft_jax.discovery.select import Selection
+    from caft_jax.pipeline import directions
 
+    monkeypatch.setattr(directions, "pca_probe_selection", lambda *a, **k: Selection({}, None, {}, {"auc": {}}))
     out = tmp_path / "pca"
     argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--directions", "pca", "--displays", "3")
+    assert cli.main([*argv, "--out", str(tmp_path / "probe"), "--conditions", "plain,caft"]) == 2
+    assert "no PC separates the spurious concept" in capsys.readouterr().err
     assert cli.main([*argv, "--conditions", "plain,caft@top2"]) == 0
+    assert (out / "directions" / "no_selection.json").is_file() and not (
+        out / "directions" / "spec.safetensors"
+    ).exists()
+    assert json.loads((out / "directions" / "selection.json").read_text())["counts"] == {}
     pcs, _ = load_pca(out / "directions" / "pca.safetensors")
     assert sorted(pcs) == [0, 1] and pcs[0].components.shape == (20, D_MODEL)
     directions, _, meta = load_ablation_spec(out / "directions" / "spec_top2.safetensors")
@@ -309,9 +321,10 @@ def test_pca_selections_top_k_and_files_in_one_run(tiny_model, short_source, com
     top2 = json.loads((out / "directions" / "selection_top2.json").read_text())
     assert top2["counts"] == {"0": 2, "1": 2} and set(top2["erasure"]) == {
         "probe_accuracy_before", "probe_accuracy_after", "chance"}  # fmt: skip
-    # the displays name the PCs by their ids and contrast base and fine-tuned projections on the same tokens
+    # with no probe choice the displays show each layer's first PC, by id, contrasting base and fine-tuned
+    # projections on the same tokens
     features = json.loads((out / "directions" / "displays.json").read_text())["features"]
-    assert features and all(f["kind"] == "pc" for f in features)
+    assert [(f["layer"], f["index"], f["kind"]) for f in features] == [(0, 0, "pc"), (1, 0, "pc")]
     for f in features:
         contrast = f["contrast"]
         assert sum(contrast["base_counts"]) == sum(contrast["tuned_counts"]) > 0
