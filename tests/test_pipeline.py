@@ -669,6 +669,11 @@ def test_family_conditions_and_the_steering_search(tiny_model, short_source, com
     assert cli.main([*argv, "--resume"]) == 0
     assert {name: (out / "runs" / name).read_bytes() for name in runs} == before
     assert "caft_detached" not in (out / "results.md").read_text()
+    # so may the seeds: a second seed adds its two runs (steer reuses the coefficient seed 0 chose)
+    assert cli.main([*argv, "--seeds", "2", "--resume"]) == 0
+    assert {p.name for p in (out / "runs").iterdir()} == runs | {"plain_seed1.json", "steer_seed1.json"}
+    assert {name: (out / "runs" / name).read_bytes() for name in runs} == before
+    assert json.loads((out / "runs" / "steer_seed1.json").read_text())["steer_coeff"] == search["chosen"]
 
 
 def test_conditions_must_be_known_and_start_with_plain(tmp_path, capsys):

@@ -192,11 +192,11 @@ def load_projector(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# Settings a resume may change: each run depends on its own condition only, so conditions can be added to (or left
-# out of) a finished run folder without redoing the others; the steering search keeps one result file per
-# coefficient and picks among the requested ones, so coefficients can be added too.
-# A selection file only feeds the conditions that name it, and its spec records the file it came from.
-RESUME_MAY_CHANGE = ("conditions", "steer_coeffs", "selection_file")
+# Settings a resume may change: each run depends on its own condition and seed only (discovery is seed 0's), so
+# conditions and seeds can be added to (or left out of) a finished run folder without redoing the others; the
+# steering search keeps one result file per coefficient and picks among the requested ones, so coefficients can be
+# added too. A selection file only feeds the conditions that name it, and its spec records the file it came from.
+RESUME_MAY_CHANGE = ("conditions", "seeds", "steer_coeffs", "selection_file")
 
 
 def open_run_folder(cfg: PipelineConfig, path: str, *, resume: bool, overwrite: bool) -> pathlib.Path:
