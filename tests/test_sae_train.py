@@ -199,3 +199,11 @@ def test_a_small_corpus_is_captured_once_and_replayed():
     again = [int(c[0][0, 0]) for c in itertools.islice(T.replayed(one_pass, 40), 8)]
     assert again == first and len(passes) == 3  # 3 chunks of 32 bytes do not fit in 40: captured anew
     assert list(T.replayed(lambda: iter([]), 100)) == []  # an empty corpus ends instead of looping
+
+
+def test_texts_are_length_sorted_within_windows_only():
+    texts = ["cccc", "a", "bbb", "dd", "eeeee", "f", "gg"]
+    out = list(T.length_sorted_windows(texts, window=3))
+    assert out == ["a", "bbb", "cccc", "f", "dd", "eeeee", "gg"]  # windows [0:3], [3:6], [6:]: each sorted
+    assert sorted(out) == sorted(texts)  # nothing lost or repeated
+    assert list(T.length_sorted_windows([], window=3)) == []

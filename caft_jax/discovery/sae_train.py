@@ -37,6 +37,7 @@ from caft_jax.discovery.sae import SAE, make_sae, write_torch_state_dict
 from caft_jax.errors import ConfigError, DataError
 
 HIGHEST = jax.lax.Precision.HIGHEST
+SORT_WINDOW = 256  # texts sorted by length together before batching (see length_sorted_windows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +201,28 @@ def corpus_activations(
 
     def batches():
         for _, n_rows, tokens, attn_mask in text_batches(
-            tokenizer, texts, batch_size, max_len, pad_token_id(tokenizer)
+            tokenizer, length_sorted_windows(texts), batch_size, max_len, pad_token_id(tokenizer)
         ):
             yield {"tokens": tokens, "attn_mask": attn_mask, "row_valid": np.arange(len(tokens)) < n_rows}
 
     yield from iter_activations(model, batches(), layers, site=site, mask="nonpad", exclude_first=True)
+
+
+def length_sorted_windows(texts: Iterable[str], window: int = SORT_WINDOW) -> Iterator[str]:
+    """The texts with each run of ``window`` consecutive ones sorted by length: a batch then pads to similar
+    lengths (on a corpus of short prompts and a few long chats, unsorted batches are ~3x padding), while the
+    order beyond a window, which the shuffle buffer cannot mix, stays as given."""
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == window:
+            yield from sorted(chunk, key=_text_length)
+            chunk = []
+    yield from sorted(chunk, key=_text_length)
+
+
+def _text_length(text) -> int:
+    return len(text) if isinstance(text, str) else 0  # a non-string is refused by text_batches
 
 
 def replayed(make_pass, cache_bytes: int) -> Iterator[dict[int, np.ndarray]]:
