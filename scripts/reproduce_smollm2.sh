@@ -12,10 +12,12 @@
 #   mcmc    plain / CAFT (probe-guided) / random / CAFT with the top-5 PCs on four MCMC pairs of the offline
 #           generators: verbs|sentiment with either question intended, sentiment|pronouns and verbs|pronouns;
 #           MCMC_SEEDS seeds (default 3)
+#   sae_caft  CAFT with the top SAE latents of two rankings (attribution, mean difference) against random
+#           directions, on gender and on sentiment|pronouns, SAE_SEEDS seeds (default 3)
 #   compare the summary figure over the run folders (runs/smollm2/compare/compare.{md,png})
 # Times on 2 CPU cores (AMD EPYC, 2 Dec 2026): a gender fine-tune of 64 steps ~3-5 min, the gender step ~75 min;
 # sae ~40 min (the capture of ~100k tokens once, then 488 steps per layer).
-#   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc] [compare]      (default: all four)
+#   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc] [sae_caft] [compare]      (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -24,7 +26,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cpu
 MODEL=$(python -c "from caft_jax.io.gguf import find_smollm2_gguf; print(find_smollm2_gguf())")
 OUT=runs/smollm2
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(sae gender mcmc compare)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(sae gender mcmc sae_caft compare)
 mkdir -p $OUT
 START=$(date +%s)
 took() { echo "[reproduce_smollm2] $1 done at $(( $(date +%s) - START )) s"; }
@@ -108,12 +110,42 @@ EOF
       took "mcmc $a|$b intended $intended"
     done
     ;;
+  sae_caft)
+    # CAFT with SAE latents' decoder directions (layers 9 and 18 of the sae step): a plain seed-0 fine-tune
+    # (the pipeline keeps it in directions/plain_model), two rankings of the latents over the task's train items,
+    # attribution of logit(intended) - logit(other) on the base model (the authors' spurious-task ranking) and the
+    # mean latent difference fine-tuned minus base over all real tokens, then CAFT with each ranking's top 5
+    # latents per layer and the random baseline with as many directions
+    sae="--sae 9=$OUT/sae/layer_9 --sae 18=$OUT/sae/layer_18"
+    for combo in "gender" "mcmc sentiment pronouns 0"; do
+      read -r task a b intended <<< "$combo"
+      if [ "$task" = gender ]; then task_args=(--task gender); run=$OUT/gender_sae
+      else task_args=(--task mcmc --a "$a" --b "$b" --intended "$intended"); run=$OUT/mcmc_${a}_${b}_${intended}_sae; fi
+      python -m caft_jax.pipeline "${task_args[@]}" --directions pca --seeds 1 --conditions plain --out $run \
+          $(resume_flag $run)
+      common=(--model "$MODEL" $sae --data $run/task/train.jsonl --format mc --limit 256 --top-k 100)
+      [ -f $run/sae_attribution/sae_ranking.json ] || python -m caft_jax.discover sae "${common[@]}" \
+          --ranking attribution --metric logit_diff --out-dir $run/sae_attribution --overwrite
+      [ -f $run/sae_mean_diff/sae_ranking.json ] || python -m caft_jax.discover sae "${common[@]}" \
+          --ranking mean_diff --tuned $run/directions/plain_model --mask nonpad --exclude-sink \
+          --out-dir $run/sae_mean_diff --overwrite
+      for ranking in attribution mean_diff; do
+        [ -f $run/sae_$ranking/spec_top5.safetensors ] || python -m caft_jax.discover select $sae \
+            --ranking $run/sae_$ranking/sae_ranking.json --top-k 5 --out-dir $run/sae_$ranking \
+            --name spec_top5.safetensors
+      done
+      python -m caft_jax.pipeline "${task_args[@]}" --directions pca --seeds "${SAE_SEEDS:-3}" --out $run --resume \
+          --conditions plain,caft@saeattr,caft@saediff,random@saediff \
+          --selection-file saeattr=$run/sae_attribution/spec_top5.safetensors,saediff=$run/sae_mean_diff/spec_top5.safetensors
+      took "sae_caft $combo"
+    done
+    ;;
   compare)
-    python -m caft_jax.pipeline.compare $(ls -d $OUT/gender_pca $OUT/mcmc_*_pca 2>/dev/null) --out $OUT/compare
+    python -m caft_jax.pipeline.compare $(ls -d $OUT/gender_pca $OUT/mcmc_*_pca $OUT/gender_sae $OUT/mcmc_*_sae 2>/dev/null) --out $OUT/compare
     took compare
     ;;
   *)
-    echo "unknown step $step; use sae, gender, mcmc or compare" >&2
+    echo "unknown step $step; use sae, gender, mcmc, sae_caft or compare" >&2
     exit 2
     ;;
   esac

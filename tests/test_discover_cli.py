@@ -253,3 +253,124 @@ def test_persona_positions_and_trait_file_errors(tmp_path):
     bad.write_text("instruction: [{pos: a}]\nquestions: [q]\n")
     with pytest.raises(ConfigError, match="non-empty list of"):
         load_trait(bad)
+
+
+def discover_fails(*args) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "caft_jax.discover", *map(str, args)], capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def saes(setup):
+    """Random BatchTopK SAEs (64 latents, threshold 0) at layers 0 and 2, in the dictionary_learning format."""
+    from caft_jax.discovery.sae import make_sae
+    from caft_jax.discovery.sae_train import save_dictionary_learning
+
+    root = setup[0]
+    rng = np.random.default_rng(3)
+    paths = {}
+    for layer in (0, 2):
+        W_dec = rng.normal(size=(64, 64)).astype(np.float32)
+        W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+        sae = make_sae(W_dec.T, rng.normal(size=64) * 0.1, W_dec, np.zeros(64), 0.0, kind="batchtopk", k=8)
+        paths[layer] = save_dictionary_learning(sae, root / f"sae_layer_{layer}", {"layer": layer})
+    return paths
+
+
+def test_sae_difference_rankings_and_select_from_them(setup, saes):
+    """`discover sae --ranking mean_diff|on_diff` on the plain adapter: the scores are the latent sums of the
+    fine-tune's minus the base model's answer-token activations (recomputed here), the ranking their positive
+    top-k; `select --sae` turns the ranking's first latents, a person's ids, or random ranked latents into decoder
+    rows."""
+    from caft_jax import load_model, load_tokenizer
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.capture import iter_pairs
+    from caft_jax.discovery.cli_args import training_batches
+    from caft_jax.discovery.latent_scores import load_ranking, mean_latent_diff, rank_latents, sae_on_diff
+    from caft_jax.discovery.sae import load_sae
+    from caft_jax.export import load_peft_adapter
+
+    root, model_dir, chats, _, _ = setup
+    sae_args = [a for layer, p in saes.items() for a in ("--sae", f"{layer}={p}")]
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    tuned, lora_cfg = load_peft_adapter(root / "adapter", model)
+    args = type("Args", (), {"format": "chat", "data": str(chats), "max_len": 512, "limit": 0, "batch_size": 8})
+    loaded = {layer: load_sae(p) for layer, p in saes.items()}
+    for ranking, score in (("mean_diff", mean_latent_diff), ("on_diff", sae_on_diff)):
+        out = root / f"sae_{ranking}"
+        text = discover("sae", "--model", model_dir, *sae_args, "--data", chats, "--ranking", ranking, "--adapter",
+                        root / "adapter", "--top-k", "5", "--out-dir", out)  # fmt: skip
+        assert "layer 0: 5 latents ranked" in text
+        pairs = iter_pairs(model, tuned, training_batches(args, tokenizer), [0, 2], lora_settings=lora_cfg.settings(),
+                           diff_only=ranking == "on_diff")  # fmt: skip
+        want = score(loaded, pairs)
+        got = np.load(out / "sae_effects.npz")
+        ranked, report = load_ranking(out / "sae_ranking.json")
+        assert report["ranking_method"] == ranking and report["adapter"] == str(root / "adapter")
+        for layer in (0, 2):
+            assert np.abs(want[layer]).max() > 0
+            np.testing.assert_allclose(got[f"layer_{layer}"], want[layer], rtol=1e-4, atol=1e-4)
+        assert ranked == rank_latents({k: got[f"layer_{k}"] for k in (0, 2)}, 5, positive_only=True)
+
+    ranking_file = root / "sae_mean_diff" / "sae_ranking.json"
+    ranked, _ = load_ranking(ranking_file)
+    sel = root / "sae_select"
+    top2 = ["--ranking", ranking_file, "--top-k", "2", "--out-dir", sel, "--name", "top2.safetensors"]
+    discover("select", *sae_args, *top2)
+    directions, _, meta = load_ablation_spec(sel / "top2.safetensors")
+    assert meta["candidates"] == "sae" and meta["ranking_method"] == "mean_diff"
+    for layer in (0, 2):
+        assert meta["ids"][str(layer)] == ranked[layer][:2]
+        np.testing.assert_array_equal(directions[layer], np.asarray(loaded[layer].W_dec)[ranked[layer][:2]])
+    (sel / "person.json").write_text(json.dumps({"2": [ranked[2][3], 9]}))
+    discover("select", *sae_args, "--selection", sel / "person.json", "--out-dir", sel, "--name", "person.safetensors")
+    directions, _, meta = load_ablation_spec(sel / "person.safetensors")
+    np.testing.assert_array_equal(directions[2], np.asarray(loaded[2].W_dec)[[ranked[2][3], 9]])
+    discover("select", *sae_args, "--ranking", ranking_file, "--random-like", sel / "top2.safetensors", "--seed", "1",
+             "--out-dir", sel, "--name", "random.safetensors")  # fmt: skip
+    _, _, meta = load_ablation_spec(sel / "random.safetensors")
+    assert {k: len(v) for k, v in meta["ids"].items()} == {"0": 2, "2": 2}
+    assert all(set(ids) <= set(ranked[int(layer)]) for layer, ids in meta["ids"].items())
+    # a PC choice refuses an SAE spec as its selection (the ids index latents, not PCs)
+    # what a person reads to choose: displays of the ranking's first latents, with their scores
+    discover("display", "--model", model_dir, *sae_args, "--ranking", ranking_file, "--corpus", setup[4],
+             "--n-features", "2", "--k", "3", "--out-dir", sel)  # fmt: skip
+    features = json.loads((sel / "displays.json").read_text())["features"]
+    assert [(f["layer"], f["index"], f["kind"]) for f in features] == [
+        (layer, i, "latent") for layer in (0, 2) for i in ranked[layer][:2]
+    ]
+    report = json.loads(ranking_file.read_text())["ranking"]
+    assert [f["score"] for f in features] == pytest.approx(
+        [e["score"] for layer in ("0", "2") for e in report[layer][:2]]
+    )
+    assert "SAE latents of" in (sel / "displays.html").read_text()
+    from caft_jax.discovery.select import SelectionError, read_selection
+
+    with pytest.raises(SelectionError, match="holds a selection of sae candidates, not of pca ones"):
+        read_selection(sel / "top2.safetensors")
+    assert read_selection(sel / "top2.safetensors", "sae") == {layer: ranked[layer][:2] for layer in (0, 2)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ranking", "mean_diff"], "compares the fine-tuned model with the base one; pass --adapter"),
+        (["--adapter", "x"], "--ranking attribution scores the base model's latents; drop --adapter"),
+        (["--ranking", "on_diff", "--adapter", "x", "--metric", "logit_diff"], "--metric applies to --ranking"),
+        (["--metric", "logit_diff"], "needs an 'other' answer letter in every record"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+    ],
+)
+def test_sae_ranking_refuses_bad_arguments(setup, saes, extra, message):
+    root, model_dir, chats, _, _ = setup
+    mc = root / "mc.jsonl"
+    mc.write_text(json.dumps({"prompt": "Answer:", "target": " A"}) + "\n")
+    data = mc if "logit_diff" in extra and "on_diff" not in extra else chats
+    err = discover_fails("sae", "--model", model_dir, "--sae", f"0={saes[0]}", "--data", data, "--format",
+                         "mc" if data == mc else "chat", *extra, "--out-dir", root / "bad")  # fmt: skip
+    assert message in err
+    assert not (root / "bad").exists()

@@ -16,6 +16,7 @@ from hf_models import tiny_tokenizer
 
 from caft_jax import Capture, ModelSpec, build_projector, init_model, jit_forward
 from caft_jax.ablation_spec import load_ablation_spec
+from caft_jax.discovery.autointerp import autointerp_client, autointerp_scores, from_autointerp
 from caft_jax.discovery.concept_fit import fit_concept
 from caft_jax.discovery.corpus import iter_texts
 from caft_jax.discovery.display_report import (
@@ -31,9 +32,6 @@ from caft_jax.discovery.sae import make_sae
 from caft_jax.discovery.select import (
     Selection,
     SelectionError,
-    autointerp_client,
-    autointerp_scores,
-    from_autointerp,
     from_concepts,
     from_selection_file,
     probe_guided,

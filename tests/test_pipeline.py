@@ -461,10 +461,61 @@ def test_class_mean_refuses_a_many_valued_concept_before_loading(tiny_model, tmp
     assert "Traceback" not in err
 
 
-def test_selection_file_needs_pca(tmp_path, capsys):
-    assert cli.main(["--directions", "concept", "--selection-file", "x.json", "--out", str(tmp_path / "o")]) == 2
-    assert "--directions pca" in capsys.readouterr().err
+def test_a_pc_selection_file_needs_pca(tiny_model, tmp_path, capsys):
+    (tmp_path / "x.json").write_text(json.dumps({"0": [0]}))
+    argv = ["--model", tiny_model, "--layers", "0,1", "--directions", "concept", "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, "--selection-file", str(tmp_path / "x.json"), "--conditions", "plain,caft@file"]) == 2
+    assert "picks PCs by id; use it with --directions pca" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def sae_spec(path, d_model: int = D_MODEL, layers=(0, 2)) -> np.ndarray:
+    """A spec as `discover select --sae` writes it: 2 decoder rows of made-up SAEs per layer, by latent id."""
+    from caft_jax.discovery.select import SAE_CANDIDATES, Selection
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(len(layers), 2, d_model)).astype(np.float32)
+    directions = {layer: rows[i] for i, layer in enumerate(layers)}
+    meta = {"source": "ranked_latents", "candidates": SAE_CANDIDATES, "ranking_method": "attribution"}
+    Selection(directions, None, {layer: [7, 11] for layer in layers}, meta).save(path)
+    return rows
+
+
+def test_sae_directions_file_is_ablated_as_it_is(tiny_model, short_source, compile_cache, tmp_path):
+    """An SAE selection (decoder rows, not PC ids) at layers the run does not discover at, with concept directions
+    discovered: caft@sae ablates exactly the file's rows, random@sae as many random ones per layer."""
+    rows = sae_spec(tmp_path / "sae.safetensors")
+    out = tmp_path / "sae_run"
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--layers", "0,1")
+    extra = ["--selection-file", f"sae={tmp_path / 'sae.safetensors'}", "--conditions", "plain,caft@sae,random@sae"]
+    assert cli.main([*argv, *extra]) == 0
+    directions, _, meta = load_ablation_spec(out / "directions" / "spec_sae.safetensors")
+    assert sorted(directions) == [0, 2]
+    np.testing.assert_array_equal(directions[0], rows[0])
+    np.testing.assert_array_equal(directions[2], rows[1])
+    assert meta["candidates"] == "sae" and meta["ids"] == {"0": [7, 11], "2": [7, 11]}
+    summary = json.loads((out / "directions" / "selection_sae.json").read_text())
+    assert summary["counts"] == {"0": 2, "2": 2} and set(summary["erasure_by_layer"]) == {"0", "2"}
+    rows_run = {c: json.loads((out / "runs" / f"{c}_seed0.json").read_text()) for c in ("caft@sae", "random@sae")}
+    assert set(rows_run["caft@sae"]["projection"]) == set(rows_run["random@sae"]["projection"]) == {"0", "2"}
+    assert rows_run["caft@sae"]["final_loss"] != rows_run["random@sae"]["final_loss"]
+
+
+@pytest.mark.parametrize(
+    ("d_model", "layers", "message"),
+    [(32, (0,), "width 32, but the model's d_model is 64"), (D_MODEL, (5,), "at layer 5, but the model has layers")],
+)
+def test_sae_directions_that_do_not_fit_are_refused_before_loading(
+    tiny_model, tmp_path, capsys, monkeypatch, d_model, layers, message
+):
+    monkeypatch.setattr(runner, "load_base", lambda *a, **k: pytest.fail("the model was loaded"))
+    sae_spec(tmp_path / "sae.safetensors", d_model, layers)
+    out = tmp_path / "bad"
+    argv = ["--model", tiny_model, "--layers", "0,1", "--out", str(out), "--conditions", "plain,caft@sae"]
+    assert cli.main([*argv, "--selection-file", f"sae={tmp_path / 'sae.safetensors'}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_layers_out_of_range(tiny_model, tmp_path, capsys):

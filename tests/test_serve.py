@@ -286,11 +286,11 @@ def test_autointerp_selection_runs_against_the_server(server, client, tmp_path, 
     """`discover select --autointerp` with the served fine-tune as explainer and scorer: the explanations and scores
     it records are the server's greedy answers to the same requests, and the spec keeps the PCs scoring >= 0."""
     from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.autointerp import explain_messages, score_messages
     from caft_jax.discovery.cli import main as discover
     from caft_jax.discovery.display_report import write_display_report
     from caft_jax.discovery.displays import Context, FeatureDisplay
     from caft_jax.discovery.pca import pca_exact, save_pca
-    from caft_jax.discovery.select import explain_messages, score_messages
     from caft_jax.llm_client import score_text_0_100
 
     d = server[1].model.spec.d_model

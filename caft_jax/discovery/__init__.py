@@ -1,5 +1,6 @@
 """Direction discovery: activation capture, PCA of fine-tuning differences, SAE latents and attribution."""
 
+from caft_jax.discovery.autointerp import autointerp_client, autointerp_scores, from_autointerp  # noqa: F401
 from caft_jax.discovery.capture import (  # noqa: F401
     capture_activations,
     capture_pairs,
@@ -23,26 +24,27 @@ from caft_jax.discovery.displays import latent_encoder, top_contexts, top_contex
 from caft_jax.discovery.erasure import erasure_check, erasure_check_spec  # noqa: F401
 from caft_jax.discovery.latent_scores import (  # noqa: F401
     letter_batches,
+    load_ranking,
     mean_latent_diff,
     rank_latents,
     sae_attribution,
     sae_on_diff,
+    save_ranking,
 )
 from caft_jax.discovery.outliers import OutlierRule, Outliers, clean_directions, detect_outliers, keep_mask  # noqa: F401
 from caft_jax.discovery.pca import PCAResult, StreamingPCA, load_pca, pca_exact, pca_layers, save_pca  # noqa: F401
 from caft_jax.discovery.sae import SAE, load_batchtopk_sae, load_jumprelu_sae, load_sae  # noqa: F401
 from caft_jax.discovery.select import (  # noqa: F401
     Selection,
-    autointerp_client,
-    autointerp_scores,
     fit_concepts,
-    from_autointerp,
     from_concepts,
     from_selection_file,
     probe_guided,
     random_latents,
     random_orthonormal,
     random_pcs_like,
+    random_ranked_latents,
+    ranked_latents,
     read_selection,
     top_k_latents,
     top_k_pcs,

@@ -5,10 +5,11 @@ a previous command there unless ``--overwrite`` is given (so pca, display and se
 input (layer indices, files) is checked against the model's config before its weights are read.
 
   pca      PCA of (fine-tuned - base) activations on the same tokens  -> pca.safetensors
-  sae      SAE latents ranked by attribution (and activation differences) -> sae_ranking.json
+  sae      SAE latents ranked by attribution or by fine-tuned minus base activations -> sae_ranking.json
   concept  supervised concept directions (class mean / LEACE / INLP) from labelled prompts -> ablation_spec.safetensors
   display  max/min-activating contexts of PCs or SAE latents over a text corpus -> displays.html + displays.json
-  select   an ablation spec from a selection file or a baseline (top-k, random, random orthonormal)
+  select   an ablation spec from a selection file or a baseline (top-k, random, random orthonormal) of PCs or of
+           the latents of an SAE ranking
   train-sae  BatchTopK SAEs trained on a corpus's residual stream -> layer_L/ae.pt + config.json (the format `sae`
            reads), sae_report.json (explained variance, L0, dead latents on held-out text) and sae_training.png
   check    erasure check of an ablation spec: a fresh probe for the unwanted concept on ablated activations
@@ -21,7 +22,6 @@ input (layer indices, files) is checked against the model's config before its we
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 
@@ -29,65 +29,17 @@ import numpy as np
 
 from caft_jax.batching import Bucketer
 from caft_jax.cli.handler import guarded
+from caft_jax.discovery.cli_args import (
+    adapter_of,
+    checked_layers,
+    claim_outputs,
+    layer_list,
+    model_and_tokenizer,
+    training_batches,
+    tuned_model,
+)
+from caft_jax.discovery.cli_sae import add_sae_parsers, display_latents, select_latents
 from caft_jax.errors import ConfigError
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise ConfigError(f"--layers must be comma-separated integers like 3,6,9; got {text!r}.") from e
-
-
-def _claim(args, *names: str) -> pathlib.Path:
-    """--out-dir, after checking that none of the files this command writes exists there (unless --overwrite)."""
-    from caft_jax.rundir import claim_files
-
-    return claim_files(pathlib.Path(args.out_dir), names, overwrite=args.overwrite)
-
-
-def _checked_layers(args, layers) -> list[int]:
-    """The layer indices, checked against the model's config (no weights read)."""
-    from caft_jax.io.hf import model_spec
-
-    n_layers = model_spec(args.model).n_layers
-    bad = sorted(int(layer) for layer in layers if not 0 <= int(layer) < n_layers)
-    if bad:
-        raise ConfigError(f"layers {bad} do not exist: {args.model} has layers 0..{n_layers - 1}; fix --layers.")
-    return [int(layer) for layer in layers]
-
-
-def _model_and_tokenizer(args):
-    from caft_jax import load_model, load_tokenizer
-
-    return load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
-
-
-def _adapter(args, model):
-    """(lora, lora_settings) of --adapter on the model, or (None, None) without one."""
-    if not args.adapter:
-        return None, None
-    from caft_jax.cli.common import load_adapter
-
-    return load_adapter(args.adapter, model)
-
-
-def _training_batches(args, tokenizer):
-    """Batches of the discovery data: chat JSONL (answer tokens) or multiple-choice JSONL (prompt + letter)."""
-    from caft_jax import data
-
-    if args.format == "chat":
-        records = data.load_chat_jsonl(args.data)
-        examples = data.chat_examples(tokenizer, records, args.max_len)
-    else:
-        records = data.load_mc_jsonl(args.data)
-        examples = [data.mc_example(tokenizer, r["prompt"], r["target"]) for r in records]
-    examples = examples[: args.limit] if args.limit else examples
-    return list(
-        data.make_batches(
-            examples, args.batch_size, seed=0, epoch=0, pad_id=data.pad_token_id(tokenizer), shuffle=False
-        )
-    )
 
 
 def _labelled_sequences(args, model, tokenizer, layers):
@@ -112,24 +64,17 @@ def _labelled_sequences(args, model, tokenizer, layers):
 def cmd_pca(args) -> int:
     from caft_jax.discovery.capture import pair_pca
     from caft_jax.discovery.pca import save_pca
-    from caft_jax.export import load_peft_adapter
 
     if not (args.adapter or args.tuned):
         raise ConfigError("pca needs the fine-tuned model: pass --adapter DIR (PEFT) or --tuned MODEL_DIR.")
-    layers = _checked_layers(args, _layers(args.layers))
-    out = _claim(args, "pca.safetensors")
-    model, tokenizer = _model_and_tokenizer(args)
-    if args.adapter:
-        tuned, lora_cfg = load_peft_adapter(args.adapter, model)
-        settings = lora_cfg.settings()
-    elif args.tuned:
-        from caft_jax import load_model
-
-        tuned, settings = load_model(args.tuned, dtype=args.dtype), None
+    layers = checked_layers(args, layer_list(args.layers))
+    out = claim_outputs(args, "pca.safetensors")
+    model, tokenizer = model_and_tokenizer(args)
+    tuned, settings = tuned_model(args, model)
     results = pair_pca(
         model,
         tuned,
-        _training_batches(args, tokenizer),
+        training_batches(args, tokenizer),
         layers,
         n_components=args.n_components,
         lora_settings=settings,
@@ -157,94 +102,12 @@ def cmd_pca(args) -> int:
     return 0
 
 
-def cmd_sae(args) -> int:
-    from caft_jax.discovery.latent_scores import letter_batches, rank_latents, sae_attribution
-    from caft_jax.discovery.sae import load_sae
-
-    saes = {}
-    for item in args.sae:
-        layer, equals, path = item.partition("=")
-        if not equals or not layer.strip().isdigit():
-            raise ConfigError(f"--sae {item!r} must look like LAYER=PATH, e.g. --sae 12=saes/layer_12.")
-        saes[int(layer)] = path
-    _checked_layers(args, saes)
-    out = _claim(args, "sae_effects.npz", "sae_ranking.json")
-    saes = {layer: load_sae(path) for layer, path in saes.items()}
-    model, tokenizer = _model_and_tokenizer(args)
-    if args.metric == "logit_diff":
-        from caft_jax import data
-
-        records = data.load_mc_jsonl(args.data)[: args.limit or None]
-        batches = letter_batches(
-            tokenizer,
-            [r["prompt"] for r in records],
-            [r["target"] for r in records],
-            [r["other"] for r in records],
-            batch_size=args.batch_size,
-            pad_id=data.pad_token_id(tokenizer),
-        )
-    else:
-        batches = _training_batches(args, tokenizer)
-    effects = sae_attribution(model, saes, batches, metric=args.metric, site=args.site)
-    ranking = rank_latents(effects, args.top_k, per_layer=not args.global_top_k)
-    np.savez(out / "sae_effects.npz", **{f"layer_{k}": v for k, v in effects.items()})
-    report = {
-        str(layer): [{"latent": int(i), "effect": float(effects[layer][i])} for i in ids]
-        for layer, ids in ranking.items()
-    }
-    (out / "sae_ranking.json").write_text(json.dumps({"metric": args.metric, "ranking": report}, indent=2))
-    print(f"wrote {out / 'sae_ranking.json'} and {out / 'sae_effects.npz'}")
-    return 0
-
-
-def cmd_train_sae(args) -> int:
-    from caft_jax.discovery import sae_train as T
-    from caft_jax.discovery.corpus import iter_texts
-
-    layers = _checked_layers(args, _layers(args.layers))
-    cfg = T.SAETrainConfig(dict_size=args.dict_size, k=args.k, tokens=args.tokens, batch_tokens=args.batch_tokens,
-                           lr=args.lr, seed=args.seed).check()  # fmt: skip
-    texts = list(iter_texts(args.corpus, field=args.field, limit=args.limit or None))
-    n_eval = int(len(texts) * args.eval_fraction)
-    if n_eval < 1 or n_eval >= len(texts):
-        raise ConfigError(
-            f"{args.corpus} has {len(texts)} texts, too few to hold out {args.eval_fraction:.0%} for evaluation and "
-            "train on the rest; use a larger corpus or change --eval-fraction."
-        )
-    out = _claim(args, "sae_report.json", "sae_training.png", *[f"layer_{layer}/ae.pt" for layer in layers])
-    model, tokenizer = _model_and_tokenizer(args)
-    cfg.check(model.spec.d_model)
-    stream = dict(site=args.site, batch_size=args.batch_size, max_len=args.max_len)
-    train_texts = texts[n_eval:]
-    chunks = T.replayed(  # the corpus repeats until the token budget is spent
-        lambda: T.corpus_activations(model, tokenizer, train_texts, layers, **stream), int(args.cache_gb * 2**30)
-    )
-    batches = T.shuffled_batches(chunks, layers, cfg.batch_tokens, cfg.buffer_tokens, cfg.seed)
-    saes, curves = T.train_saes(batches, layers, cfg)
-    held_out = list(T.corpus_activations(model, tokenizer, texts[:n_eval], layers, **stream))
-    trainer = dataclasses.asdict(cfg)
-    trainer |= {"lr": cfg.learning_rate, "steps": cfg.steps, "lm_name": args.model, "submodule_name": args.site}
-    report = {}
-    for layer, sae in saes.items():
-        quality = T.evaluate(sae, np.concatenate([chunk[layer] for chunk in held_out]))
-        T.save_dictionary_learning(sae, out / f"layer_{layer}", trainer | {"layer": layer})
-        report[str(layer)] = {"eval": quality, "threshold": float(sae.threshold), "curve": curves[layer]}
-        print(
-            f"layer {layer}: explained variance {quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, dead "
-            f"latents {quality['dead_latents']}/{sae.d_sae} on {quality['n_tokens']} held-out tokens"
-        )
-    (out / "sae_report.json").write_text(json.dumps({"config": trainer, "layers": report}, indent=2))
-    T.plot_curves(curves, out / "sae_training.png")
-    print(f"wrote {out}/layer_*/ae.pt (dictionary_learning format), sae_report.json and sae_training.png")
-    return 0
-
-
 def cmd_concept(args) -> int:
     from caft_jax.discovery.select import fit_concepts, from_concepts
 
-    layers = _checked_layers(args, _layers(args.layers))
-    out = _claim(args, "ablation_spec.safetensors")
-    model, tokenizer = _model_and_tokenizer(args)
+    layers = checked_layers(args, layer_list(args.layers))
+    out = claim_outputs(args, "ablation_spec.safetensors")
+    model, tokenizer = model_and_tokenizer(args)
     acts, mask, labels, values = _labelled_sequences(args, model, tokenizer, layers)
     erasures = fit_concepts(acts, labels, mask, method=args.method)
     selection = from_concepts(erasures, mean_ablation=args.mean_ablation)
@@ -262,14 +125,18 @@ def cmd_display(args) -> int:
     from caft_jax.discovery.displays import top_contexts_by_layer
     from caft_jax.discovery.pca import load_pca
 
+    if bool(args.pca) == bool(args.sae):
+        raise ConfigError("display shows PCs (--pca FILE) or SAE latents (--sae LAYER=PATH ... --ranking F); give one.")
+    if args.sae:
+        return display_latents(args)
     results, _ = load_pca(args.pca)
-    layers = _layers(args.layers) if args.layers else sorted(results)
+    layers = layer_list(args.layers) if args.layers else sorted(results)
     missing = sorted(set(layers) - set(results))
     if missing:
         raise ConfigError(f"{args.pca} has no PCs at layers {missing} (it has {sorted(results)}); fix --layers.")
-    _checked_layers(args, layers)
-    out = _claim(args, "displays.html", "displays.json")
-    model, tokenizer = _model_and_tokenizer(args)
+    checked_layers(args, layers)
+    out = claim_outputs(args, "displays.html", "displays.json")
+    model, tokenizer = model_and_tokenizer(args)
     features = {layer: results[layer].components[: args.n_features] for layer in layers}
     scores = {layer: results[layer].explained_variance_ratio[: args.n_features] for layer in layers}
     displays = top_contexts_by_layer(
@@ -293,12 +160,19 @@ def cmd_select(args) -> int:
     from caft_jax.discovery import select
     from caft_jax.discovery.pca import load_pca
 
-    out = _claim(args, args.name)
+    if bool(args.pca) == bool(args.sae):
+        raise ConfigError("select chooses among PCs (--pca FILE) or SAE latents (--sae LAYER=PATH ...); give one.")
+    out = claim_outputs(args, args.name)
+    if args.sae:
+        chosen = select_latents(args)
+        path = chosen.save(out / args.name)
+        print(f"wrote {path} ({chosen.counts()} SAE decoder directions per layer)")
+        return 0
     pcs = load_pca(args.pca)
     if args.selection:
         chosen = select.from_selection_file(pcs, select.read_selection(args.selection))
     elif args.top_k:
-        chosen = select.top_k_pcs(pcs, args.top_k, layers=_layers(args.layers) if args.layers else None)
+        chosen = select.top_k_pcs(pcs, args.top_k, layers=layer_list(args.layers) if args.layers else None)
     elif args.random_like:
         chosen = select.random_pcs_like(pcs, select.read_selection(args.random_like), seed=args.seed)
     elif args.random_orthonormal:
@@ -318,7 +192,7 @@ def cmd_select(args) -> int:
 
 def _autointerp_selection(args, pcs, out: pathlib.Path):
     """Explain and score the --displays features with an OpenAI-compatible explainer; keep those >= threshold."""
-    from caft_jax.discovery import select
+    from caft_jax.discovery import autointerp
     from caft_jax.discovery.display_report import load_display_json, with_explanations, write_display_report
     from caft_jax.jsonio import write_jsonl
 
@@ -326,14 +200,14 @@ def _autointerp_selection(args, pcs, out: pathlib.Path):
         raise ConfigError("--autointerp needs --displays (the displays.json that `discover display` wrote).")
     if args.autointerp_timeout <= 0:
         raise ConfigError(f"--autointerp-timeout must be a positive number of seconds; got {args.autointerp_timeout}.")
-    client = select.autointerp_client(
+    client = autointerp.autointerp_client(
         args.autointerp_base_url,
         args.autointerp_model,
         api_key_env=args.autointerp_api_key_env,
         cache_path=out / "autointerp_cache.jsonl",
         timeout=args.autointerp_timeout,
     )
-    records = select.autointerp_scores(
+    records = autointerp.autointerp_scores(
         load_display_json(args.displays), args.autointerp, client, progress=True, scoring=args.autointerp_score
     )
     write_jsonl(out / "autointerp.jsonl", records)
@@ -342,7 +216,9 @@ def _autointerp_selection(args, pcs, out: pathlib.Path):
     scored = [r for r in records if r["score"] is not None]
     print(f"autointerp: {len(scored)} of {len(records)} feature sides scored; records in {out / 'autointerp.jsonl'}, "
           f"displays with the explanations in {paths['html']}")  # fmt: skip
-    return select.from_autointerp(pcs, records, threshold=args.threshold, rubric=args.autointerp, model=client.model)
+    return autointerp.from_autointerp(
+        pcs, records, threshold=args.threshold, rubric=args.autointerp, model=client.model
+    )
 
 
 def cmd_check(args) -> int:
@@ -350,9 +226,9 @@ def cmd_check(args) -> int:
     from caft_jax.discovery.erasure import erasure_check
 
     directions, means, _ = load_ablation_spec(args.spec)
-    layers = _checked_layers(args, sorted(directions))
-    out = _claim(args, "erasure_check.json")
-    model, tokenizer = _model_and_tokenizer(args)
+    layers = checked_layers(args, sorted(directions))
+    out = claim_outputs(args, "erasure_check.json")
+    model, tokenizer = model_and_tokenizer(args)
     acts, mask, labels, _ = _labelled_sequences(args, model, tokenizer, layers)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(labels))
@@ -383,10 +259,10 @@ def cmd_persona(args) -> int:
     from caft_jax.jsonio import write_jsonl
 
     pairs, questions = load_trait(args.trait)
-    layers = _checked_layers(args, _layers(args.layers))
-    out = _claim(args, "persona.safetensors", "persona_answers.jsonl")
-    model, tokenizer = _model_and_tokenizer(args)
-    lora, lora_settings = _adapter(args, model)
+    layers = checked_layers(args, layer_list(args.layers))
+    out = claim_outputs(args, "persona.safetensors", "persona_answers.jsonl")
+    model, tokenizer = model_and_tokenizer(args)
+    lora, lora_settings = adapter_of(args, model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=True)
     answers, chats = [], {"pos": [], "neg": []}
     for pair_index, pair in enumerate(pairs):
@@ -434,14 +310,14 @@ def cmd_screen(args) -> int:
     layer = args.layer if args.layer is not None else min(directions)
     if layer not in directions:
         raise ConfigError(f"{args.spec} has no direction at layer {layer} (it has {sorted(directions)}); fix --layer.")
-    _checked_layers(args, [layer])
-    out = _claim(args, *OUTPUTS)
-    model, tokenizer = _model_and_tokenizer(args)
-    lora, lora_settings = _adapter(args, model)
+    checked_layers(args, [layer])
+    out = claim_outputs(args, *OUTPUTS)
+    model, tokenizer = model_and_tokenizer(args)
+    lora, lora_settings = adapter_of(args, model)
     records = data.load_chat_jsonl(args.data) if args.format == "chat" else data.load_mc_jsonl(args.data)
     records = records[: args.limit] if args.limit else records
     scores = projection_scores(
-        model, _training_batches(args, tokenizer), layer, directions[layer][0], site=args.site, lora=lora,
+        model, training_batches(args, tokenizer), layer, directions[layer][0], site=args.site, lora=lora,
         lora_settings=lora_settings,
     )  # fmt: skip
     title = f"{pathlib.Path(args.data).name}: projection on {pathlib.Path(args.spec).name}, layer {layer}"
@@ -481,29 +357,7 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
     p.add_argument("--exclude-sink", action="store_true", help="leave out each sequence's first token")
     p.set_defaults(run=cmd_pca)
 
-    p = sub.add_parser("sae", help="rank SAE latents by attribution")
-    common(p)
-    p.add_argument("--sae", action="append", required=True, help="LAYER=PATH (ae.pt dir or params.npz); repeat")
-    p.add_argument("--data", required=True)
-    p.add_argument("--format", default="chat", choices=["chat", "mc"])
-    p.add_argument("--metric", default="ce", choices=["ce", "logit_diff"])
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--global-top-k", action="store_true", help="one top-k across layers instead of per layer")
-    p.set_defaults(run=cmd_sae)
-
-    p = sub.add_parser("train-sae", help="train BatchTopK SAEs on a corpus (dictionary_learning format)")
-    common(p)
-    p.add_argument("--corpus", required=True, help="text or JSONL corpus (the first --eval-fraction is held out)")
-    p.add_argument("--field", help="JSONL field holding the text (default: detected)")
-    p.add_argument("--layers", required=True, help="comma-separated, e.g. 9,18")
-    p.add_argument("--dict-size", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32, help="mean active latents per token (BatchTopK)")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (the corpus repeats if shorter)")
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=0.0, help="0 = 2e-4 / sqrt(dict_size / 2**14)")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--cache-gb", type=float, default=4.0, help="replay the corpus' activations from memory up to this")
-    p.set_defaults(run=cmd_train_sae)
+    add_sae_parsers(sub, common)
 
     p = sub.add_parser("concept", help="supervised concept directions from labelled prompts")
     common(p)
@@ -515,7 +369,9 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
 
     p = sub.add_parser("display", help="max/min-activating contexts of PCs")
     common(p)
-    p.add_argument("--pca", required=True, help="pca.safetensors from the pca command")
+    p.add_argument("--pca", help="pca.safetensors from the pca command")
+    p.add_argument("--sae", action="append", help="or: SAE latents, LAYER=PATH (repeat), with --ranking")
+    p.add_argument("--ranking", help="with --sae: the sae_ranking.json whose first --n-features latents to show")
     p.add_argument("--corpus", required=True, help="text or JSONL corpus")
     p.add_argument("--layers", default="")
     p.add_argument("--n-features", type=int, default=20)
@@ -525,9 +381,11 @@ def build_parser(prog: str = "python -m caft_jax.discover") -> argparse.Argument
 
     p = sub.add_parser("select", help="write an ablation spec")
     common(p, model=False)
-    p.add_argument("--pca", required=True)
+    p.add_argument("--pca", help="choose among the PCs of this pca.safetensors")
+    p.add_argument("--sae", action="append", help="or: among the latents of these SAEs, LAYER=PATH; repeat")
+    p.add_argument("--ranking", help="with --sae: the sae_ranking.json of `discover sae` (--top-k, --random-like)")
     p.add_argument("--selection", help='JSON {"layer": [ids]} written by a person')
-    p.add_argument("--top-k", type=int, default=0, help="baseline: top-k PCs per layer")
+    p.add_argument("--top-k", type=int, default=0, help="baseline: top-k PCs per layer (with --sae: of the ranking)")
     p.add_argument("--layers", default="")
     p.add_argument("--random-like", help="baseline: random PCs with the counts of this selection file")
     p.add_argument("--random-orthonormal", help="baseline: random orthonormal vectors with these counts")

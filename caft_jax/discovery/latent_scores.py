@@ -3,7 +3,8 @@
 * ``sae_attribution``: gradient-times-latent attribution of every latent to a metric ("ce" on answer tokens, or
   "logit_diff" between two answer letters of ``letter_batches``), through the model's ``forward``.
 * ``mean_latent_diff`` / ``sae_on_diff``: latent sums over fine-tuned minus base activations.
-* ``rank_latents``: top-k latents by any of these scores, per layer or across layers.
+* ``rank_latents``: top-k latents by any of these scores, per layer or across layers; ``save_ranking`` and
+  ``load_ranking`` keep a ranking in the files `discover sae` writes and `discover select --sae` reads.
 
 The SAEs themselves (``SAE``, the loaders) are in ``sae``.
 """
@@ -11,6 +12,9 @@ The SAEs themselves (``SAE``, the loaders) are in ``sae``.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -338,3 +342,53 @@ def rank_latents(
     for _, layer, i in flat[:k]:
         out[layer].append(i)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranking files
+# ---------------------------------------------------------------------------------------------------------------
+
+# How latents are scored (caft_method.md 2.3): attribution to a metric on the base model, or latent sums over the
+# fine-tuned minus the base model's activations; the difference rankings keep positive scores only, as the
+# authors do.
+RANKINGS = ("attribution", "mean_diff", "on_diff")
+RANKING_FILE, SCORES_FILE = "sae_ranking.json", "sae_effects.npz"
+
+
+def save_ranking(
+    folder: pathlib.Path, method: str, scores: dict[int, np.ndarray], k: int, *, per_layer: bool = True,
+    metadata: dict | None = None,
+) -> dict[int, list[int]]:  # fmt: skip
+    """Write folder/sae_effects.npz (every latent's score) and folder/sae_ranking.json (the top-``k`` latents per
+    layer, or across layers when not ``per_layer``, best first, with their scores); returns the ranking."""
+    if method not in RANKINGS:
+        raise ConfigError(f"ranking must be one of {RANKINGS}; got {method!r}.")
+    ranked = rank_latents(scores, k, per_layer=per_layer, positive_only=method != "attribution")
+    np.savez(folder / SCORES_FILE, **{f"layer_{layer}": v for layer, v in scores.items()})
+    report = {
+        "ranking_method": method,
+        "per_layer": per_layer,
+        "k": k,
+        **(metadata or {}),
+        "ranking": {
+            str(layer): [{"latent": int(i), "score": float(scores[layer][i])} for i in ids]
+            for layer, ids in ranked.items()
+        },
+    }
+    (folder / RANKING_FILE).write_text(json.dumps(report, indent=2))
+    return ranked
+
+
+def load_ranking(path: str | os.PathLike) -> tuple[dict[int, list[int]], dict]:
+    """The ranking {layer: [latent ids, best first]} and the whole record of a ``save_ranking`` file."""
+    where = f"SAE ranking {path}"
+    try:
+        report = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        ranked = {int(layer): [int(e["latent"]) for e in entries] for layer, entries in report["ranking"].items()}
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; make it with `python -m caft_jax.discover sae`.") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise ConfigError(
+            f"{where} is not a ranking that `python -m caft_jax.discover sae` wrote; make it again with that command."
+        ) from None
+    return ranked, report

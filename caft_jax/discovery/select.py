@@ -13,10 +13,10 @@ Sources of a selection (caft_method.md sections 2.5-2.6):
 
 * ``from_selection_file``: ids chosen by a person, ``{"12": [3, 5], "14": [0]}``;
 * baselines: ``top_k_pcs``, ``random_pcs_like``, ``random_orthonormal``, ``top_k_latents``, ``random_latents``;
+* from an SAE ranking (``latent_scores.load_ranking``): ``ranked_latents``, ``random_ranked_latents``;
 * ``probe_guided``: candidates whose projection separates labels of the unwanted concept (ROC AUC);
 * ``from_concepts``: supervised concept directions (``concept_fit.fit_concept``), optionally with means;
-* ``autointerp_scores`` + ``from_autointerp``: an LLM explains each feature's displays and rates its relevance
-  to a task rubric 0-100; features at or above a threshold are kept.
+* ``autointerp.from_autointerp``: the features an LLM's explanations of their displays rate as relevant.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,10 +32,10 @@ import numpy as np
 from caft_jax.ablation_spec import load_ablation_spec, save_ablation_spec
 from caft_jax.discovery.concept_fit import fit_concept
 from caft_jax.discovery.concepts import ConceptErasure
-from caft_jax.discovery.display_report import Context, FeatureDisplay
 from caft_jax.errors import CaftError, ProjectorError
 
-DEFAULT_AUTOINTERP_MODEL = "gpt-4.1-mini"
+# what a spec's "ids" index (its metadata "candidates"; a spec without the key picked PCs)
+PCA_CANDIDATES, SAE_CANDIDATES = "pca", "sae"
 
 
 class SelectionError(CaftError):
@@ -74,14 +73,14 @@ class Selection:
         meta["counts"] = {str(layer): int(len(d)) for layer, d in directions.items()}
         meta.update(extra_metadata or {})
         means = {layer: m for layer, m in (self.means or {}).items() if layer in directions}
-        return save_ablation_spec(path, directions, means or None, _jsonable(meta))
+        return save_ablation_spec(path, directions, means or None, jsonable(meta))
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -121,16 +120,19 @@ def _layers(source) -> list[int]:
     return sorted(int(layer) for layer in source)
 
 
-def read_selection(selection: Mapping | str | os.PathLike) -> dict[int, list[int]]:
+def read_selection(
+    selection: Mapping | str | os.PathLike, candidates: str | None = PCA_CANDIDATES
+) -> dict[int, list[int]]:
     """Parse and validate a selection {layer: [ids]} given as a mapping or a JSON file path.
 
     JSON keys are layer numbers as strings, e.g. ``{"12": [3, 5], "14": [0]}``; ids are non-negative integers
     without repeats. An optional top-level "layers" key holding such a mapping is accepted too, and so is a spec
-    file that ``discover select`` wrote (its ids, e.g. an autointerp choice).
+    file that ``discover select`` wrote (its ids, e.g. an autointerp choice) when it picked ``candidates`` ("pca"
+    or "sae") too (None: either, for a caller that needs only the counts).
     """
     where = "selection"
     if isinstance(selection, (str, os.PathLike)) and pathlib.Path(selection).suffix in (".safetensors", ".npz"):
-        where, selection = str(selection), _spec_ids(selection)
+        where, selection = str(selection), _spec_ids(selection, candidates)
     elif isinstance(selection, (str, os.PathLike)):
         where = str(selection)
         try:
@@ -159,14 +161,24 @@ def read_selection(selection: Mapping | str | os.PathLike) -> dict[int, list[int
     return out
 
 
-def _spec_ids(path) -> dict:
-
+def spec_candidates(path) -> str:
+    """What the ids of a spec that ``discover select`` wrote index: "pca" (PCs) or "sae" (SAE latents)."""
     if not pathlib.Path(path).is_file():
         raise SelectionError(f"{path}: selection file not found.")
     try:
-        ids = load_ablation_spec(path)[2].get("ids")
+        return load_ablation_spec(path)[2].get("candidates", PCA_CANDIDATES)
     except ProjectorError as e:
         raise SelectionError(str(e)) from None
+
+
+def _spec_ids(path, candidates: str | None) -> dict:
+    found = spec_candidates(path)
+    if candidates is not None and found != candidates:
+        raise SelectionError(
+            f"{path} holds a selection of {found} candidates, not of {candidates} ones; choose from the candidates it "
+            f"was made from."
+        )
+    ids = load_ablation_spec(path)[2].get("ids")
     if not isinstance(ids, Mapping):
         raise SelectionError(
             f"{path} holds directions but no ids of the candidates they came from; write a JSON "
@@ -187,17 +199,20 @@ def _rows_by_ids(source, ids: Mapping[int, Sequence[int]]) -> dict[int, np.ndarr
 
 
 def from_selection_file(
-    pca_or_sae, selection: Mapping | str | os.PathLike, *, means: Mapping[int, np.ndarray] | None = None
-) -> Selection:
+    pca_or_sae, selection: Mapping | str | os.PathLike, *, means: Mapping[int, np.ndarray] | None = None,
+    candidates: str = PCA_CANDIDATES,
+) -> Selection:  # fmt: skip
     """Directions chosen by id: ``selection`` {layer: [ids]} (mapping or JSON file) picks rows of the candidates.
 
     Args:
       pca_or_sae: candidate source {layer: PCAResult | SAE | [n, d]} (or load_pca's pair).
       selection: {layer: [ids]}.
       means: optional mean-ablation offsets {layer: [d]}.
+      candidates: what the ids index, "pca" or "sae" (recorded in the spec, and checked in a spec file given as
+        ``selection``).
     """
-    ids = {layer: chosen for layer, chosen in read_selection(selection).items() if chosen}
-    meta = {"source": "selection_file"}
+    ids = {layer: chosen for layer, chosen in read_selection(selection, candidates).items() if chosen}
+    meta = {"source": "selection_file"} | ({"candidates": candidates} if candidates != PCA_CANDIDATES else {})
     if isinstance(selection, (str, os.PathLike)):
         meta["selection_file"] = str(selection)
     return Selection(_rows_by_ids(pca_or_sae, ids), _means(means, ids), ids, meta)
@@ -236,7 +251,7 @@ def random_pcs_like(pcs, selection, seed: int = 0, *, pool: int = 20) -> Selecti
     counts = (
         selection.counts()
         if isinstance(selection, Selection)
-        else {layer: len(ids) for layer, ids in read_selection(selection).items()}
+        else {layer: len(ids) for layer, ids in read_selection(selection, None).items()}
     )
     rng = np.random.default_rng(seed)
     ids = {}
@@ -280,9 +295,22 @@ def top_k_latents(
     from caft_jax.discovery.latent_scores import rank_latents
 
     ranked = rank_latents({int(x): np.asarray(v) for x, v in effects.items()}, k, per_layer=per_layer, largest=largest)
-    ids = {layer: chosen for layer, chosen in ranked.items() if chosen}
-    scores = {layer: [float(np.asarray(effects[layer])[i]) for i in chosen] for layer, chosen in ids.items()}
-    meta = {"source": "top_k_latents", "k": k, "per_layer": per_layer, "largest": largest, "effects": scores}
+    chosen = ranked_latents(decoders, ranked, k)
+    scores = {layer: [float(np.asarray(effects[layer])[i]) for i in ids] for layer, ids in chosen.ids.items()}
+    chosen.metadata = {"source": "top_k_latents", "k": k, "per_layer": per_layer, "largest": largest,
+                       "effects": scores, "candidates": SAE_CANDIDATES}  # fmt: skip
+    return chosen
+
+
+def ranked_latents(decoders, ranked: Mapping[int, Sequence[int]], k: int) -> Selection:
+    """The first ``k`` latents of each layer's ranking ({layer: [ids, best first]}, e.g. ``load_ranking``'s) as
+    rows of W_dec; layers whose ranking is empty are left out."""
+    if k < 1:
+        raise SelectionError(f"k must be at least 1 latent per layer; got {k}.")
+    ids = {int(layer): [int(i) for i in chosen[:k]] for layer, chosen in ranked.items() if len(chosen)}
+    if not ids:
+        raise SelectionError("the ranking has no latent at any layer; there is nothing to select.")
+    meta = {"source": "ranked_latents", "k": k, "candidates": SAE_CANDIDATES}
     return Selection(_rows_by_ids(decoders, ids), None, ids, meta)
 
 
@@ -300,24 +328,35 @@ def random_latents(
     from caft_jax.discovery.latent_scores import rank_latents
 
     ranked = rank_latents({int(x): np.asarray(v) for x, v in effects.items()}, pool)
-    if like is not None:
-        counts = like.counts() if isinstance(like, Selection) else {x: len(v) for x, v in read_selection(like).items()}
+    if isinstance(like, Selection):
+        counts = like.counts()
+    elif like is not None:
+        counts = {x: len(v) for x, v in read_selection(like, None).items()}
     else:
         counts = {layer: k for layer in ranked}
+    chosen = random_ranked_latents(decoders, ranked, counts, seed)
+    chosen.metadata |= {"source": "random_latents", "pool": pool, "k": k if like is None else None}
+    return chosen
+
+
+def random_ranked_latents(
+    decoders, ranked: Mapping[int, Sequence[int]], counts: Mapping[int, int], seed: int = 0
+) -> Selection:
+    """Per layer, ``counts[layer]`` latents drawn uniformly without replacement from that layer's ranking."""
     rng = np.random.default_rng(seed)
     ids = {}
     for layer in sorted(counts):
         if counts[layer] == 0:
             continue
         if layer not in ranked:
-            raise SelectionError(f"layer {layer} has no attribution effects to draw random latents from.")
+            raise SelectionError(f"layer {layer} has no ranked latents to draw random latents from.")
         candidates = ranked[layer]
         if counts[layer] > len(candidates):
             raise SelectionError(
                 f"layer {layer} needs {counts[layer]} random latents but the pool has {len(candidates)}."
             )
         ids[layer] = sorted(int(candidates[i]) for i in rng.choice(len(candidates), counts[layer], replace=False))
-    meta = {"source": "random_latents", "seed": seed, "pool": pool, "k": k if like is None else None}
+    meta = {"source": "random_ranked_latents", "seed": seed, "candidates": SAE_CANDIDATES}
     return Selection(_rows_by_ids(decoders, ids), None, ids, meta)
 
 
@@ -447,142 +486,6 @@ def from_concepts(erasures: Mapping[int, ConceptErasure], *, mean_ablation: bool
     meta = {
         "source": "concept",
         "mean_ablation": mean_ablation,
-        "layers": {str(layer): _jsonable(e.info) | {"method": e.method} for layer, e in erasures.items()},
+        "layers": {str(layer): jsonable(e.info) | {"method": e.method} for layer, e in erasures.items()},
     }
     return Selection(directions, means, None, meta)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LLM autointerp
-# ---------------------------------------------------------------------------------------------------------------
-
-EXPLAIN_SYSTEM = (
-    "You are a meticulous interpretability researcher. You will see text excerpts in which one feature of a "
-    "language model's internal activations is strongly active. The token where it is most active is marked "
-    "<<like this>>, and the number before each excerpt is the activation there. Describe concisely, in one or two "
-    "sentences, what the feature responds to (a concept, topic, token type, or pattern). Reply with the "
-    "description only."
-)
-SCORE_SYSTEM = (
-    "You rate how relevant a language-model feature is to a concept we want to remove from the model. "
-    "Reply with a single integer from 0 (unrelated) to 100 (exactly this concept), and nothing else."
-)
-
-
-def autointerp_client(
-    base_url: str | None = None,
-    model: str | None = None,
-    *,
-    api_key_env: str = "OPENAI_API_KEY",
-    cache_path: str | os.PathLike | None = None,
-    **kwargs,
-):
-    """A ``ChatClient`` for autointerp from arguments or the environment.
-
-    base_url: argument, else $CAFT_AUTOINTERP_BASE_URL, else $OPENAI_BASE_URL, else OpenAI's default.
-    model: argument, else $CAFT_AUTOINTERP_MODEL, else gpt-4.1-mini (the authors' explainer for PCs).
-    The key is read from the environment variable named ``api_key_env`` (it is never an argument).
-    """
-    from caft_jax.llm_client import ChatClient
-
-    base_url = base_url or os.environ.get("CAFT_AUTOINTERP_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-    model = model or os.environ.get("CAFT_AUTOINTERP_MODEL") or DEFAULT_AUTOINTERP_MODEL
-    return ChatClient(base_url, model, api_key=os.environ.get(api_key_env, ""), cache_path=cache_path, **kwargs)
-
-
-def _format_context(ctx: Context) -> str:
-    parts = [f"<<{t}>>" if j == ctx.peak else t for j, t in enumerate(ctx.tokens)]
-    return f"{ctx.peak_value:.3g}: " + "".join(parts).replace("\n", "\\n")
-
-
-def explain_messages(feature: FeatureDisplay, sign: str, n_examples: int = 10) -> list[dict]:
-    """Chat messages asking for an explanation of one side ("+" max, "-" min) of a feature's displays."""
-    contexts = feature.max_contexts if sign == "+" else feature.min_contexts
-    side = "most positive" if sign == "+" else "most negative"
-    examples = "\n".join(f"{i + 1}. {_format_context(c)}" for i, c in enumerate(contexts[:n_examples]))
-    user = f"Excerpts where the feature's value is {side}:\n{examples}\n\nWhat does this feature respond to?"
-    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
-
-
-def score_messages(explanation: str, rubric: str) -> list[dict]:
-    """Chat messages asking for a 0-100 relevance rating of an explanation against the task rubric."""
-    user = (
-        f"Concept to remove:\n{rubric}\n\nFeature explanation:\n{explanation}\n\n"
-        "How relevant is this feature to the concept to remove? Answer with one integer from 0 to 100."
-    )
-    return [{"role": "system", "content": SCORE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def _parse_score(content: str) -> float | None:
-    match = re.search(r"\d+(?:\.\d+)?", content or "")
-    if match is None:
-        return None
-    value = float(match.group())
-    return value if 0 <= value <= 100 else None
-
-
-def autointerp_scores(
-    features: Sequence[FeatureDisplay],
-    rubric: str,
-    client,
-    *,
-    n_examples: int = 10,
-    explain_max_tokens: int = 200,
-    top_logprobs: int = 20,
-    progress: bool = False,
-    scoring: str = "logprob",
-) -> list[dict]:
-    """Explain each feature side from its displays, then rate its relevance to ``rubric`` 0-100.
-
-    Each side with contexts (max "+" and, for PCs, min "-") is explained separately, as the authors do. The score
-    is the probability-weighted mean over number tokens of the first answer token (``score_0_100``), or, when the
-    endpoint returns no usable logprobs, the number in the answer text; with ``scoring="text"`` the number the
-    explainer writes (for explainers whose tokenizer splits numbers into digits, e.g. SmolLM2 behind `caft serve`).
-
-    Args:
-      features: displays (``top_contexts`` output or ``load_display_json``).
-      rubric: the task's description of the unwanted concept (the authors' "pointers").
-      client: a ``ChatClient`` (see ``autointerp_client``).
-    Returns:
-      [{"layer", "index", "sign", "explanation", "score" (float or None)}] per feature side.
-    """
-    from caft_jax.llm_client import SCORE_FORMS, score_0_100
-
-    if scoring not in SCORE_FORMS:
-        raise SelectionError(f"unknown autointerp scoring {scoring!r}; choose one of {sorted(SCORE_FORMS)}.")
-    if not rubric.strip():
-        raise SelectionError("the autointerp rubric is empty; describe the concept to remove.")
-    sides = [(f, s) for f in features for s, ctxs in (("+", f.max_contexts), ("-", f.min_contexts)) if ctxs]
-    explain = [{"messages": explain_messages(f, s, n_examples), "max_tokens": explain_max_tokens} for f, s in sides]
-    explanations = [r["content"].strip() for r in client.complete_many(explain, progress=progress, desc="explain")]
-    if scoring == "logprob":
-        score_kwargs = {"max_tokens": 1, "logprobs": True, "top_logprobs": top_logprobs}
-    else:
-        score_kwargs = dict(SCORE_FORMS[scoring][0])
-    score = [{"messages": score_messages(e, rubric), **score_kwargs} for e in explanations]
-    records = []
-    for (f, s), explanation, answer in zip(
-        sides, explanations, client.complete_many(score, progress=progress, desc="score"), strict=True
-    ):
-        value = score_0_100(answer.get("top_logprobs")) if scoring == "logprob" else SCORE_FORMS[scoring][1](answer)
-        if value is None and scoring == "logprob":
-            value = _parse_score(answer.get("content", ""))
-        records.append({"layer": f.layer, "index": f.index, "sign": s, "explanation": explanation, "score": value})
-    return records
-
-
-def from_autointerp(
-    pca_or_sae, records: Sequence[Mapping], *, threshold: float = 70.0, rubric: str | None = None, model: str = ""
-) -> Selection:
-    """Keep features with a side scoring >= ``threshold`` (the authors use 70 or 90); metadata keeps every record."""
-    best: dict[tuple[int, int], float] = {}
-    for r in records:
-        if r.get("score") is not None:
-            key = (int(r["layer"]), int(r["index"]))
-            best[key] = max(best.get(key, -1.0), float(r["score"]))
-    ids: dict[int, list[int]] = {}
-    for (layer, index), value in sorted(best.items()):
-        if value >= threshold:
-            ids.setdefault(layer, []).append(index)
-    meta = {"source": "autointerp", "threshold": threshold, "rubric": rubric, "model": model, "records": list(records)}
-    return Selection(_rows_by_ids(pca_or_sae, ids), None, ids, _jsonable(meta))

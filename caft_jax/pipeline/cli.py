@@ -5,7 +5,8 @@ Steps (each writes its result before the next starts; a rerun with --resume skip
   2. base: the untrained model's accuracy;
   3. plain fine-tune, seed 0, then discovery on it: capture, PCA of its differences from the base (or supervised
      concept directions), displays, and the probe-guided selection; conditions such as caft@top5 or caft@human
-     (--selection-file human=F) use other selections of the same PCs, each made when first needed;
+     (--selection-file human=F) use other selections of the same PCs (or SAE latents' decoder directions, a spec
+     of `discover select --sae`), each made when first needed;
   4. plain fine-tunes of the other seeds, CAFT fine-tunes with the selected directions, and the random-direction
      baseline (as many random orthonormal directions per layer), each evaluated in distribution (val) and out of
      distribution (test), the CAFT and random runs also with the ablation kept at test time; --conditions adds the
@@ -99,8 +100,9 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
     add("--layers", help=f"layers to ablate: range 0:30:3, list 4,8 or all (default {defaults.layers})")
     add(
         "--selection-file",
-        help='pca: name=FILE[,name2=FILE2]: PC ids {"layer": [ids]} a person wrote (or a spec of `discover select`), '
-        "for the conditions that name them (caft@name); a bare FILE is named file",
+        help='name=FILE[,name2=FILE2]: PC ids {"layer": [ids]} a person wrote (or a spec of `discover select`; pca '
+        "only), or the SAE decoder directions of `discover select --sae`, for the conditions that name them "
+        "(caft@name); a bare FILE is named file",
     )
     add("--threshold", type=float, help=f"pca: probe-guided AUC threshold (default {defaults.threshold})")
     add(

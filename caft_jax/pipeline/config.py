@@ -124,8 +124,6 @@ class PipelineConfig:
         if conditions[0] != "plain":
             raise ConfigError("conditions must start with plain: its seed-0 fine-tune is where discovery runs.")
         self.steer_coefficients()
-        if self.selection_file and self.directions != "pca":
-            raise ConfigError("a selection file picks PCs by id; use it with --directions pca.")
         self.check_selections(conditions)
         parse_layers(self.layers)
         return self

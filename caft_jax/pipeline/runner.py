@@ -18,6 +18,9 @@ from caft_jax.pipeline.report import markdown_table, write_report
 from caft_jax.pipeline.runs import accuracy, finetune, tuned_parts
 from caft_jax.projector import build_projector
 
+# in the discovery folder: the plain seed-0 fine-tune, as a PEFT adapter (LoRA) or a HF model folder (full)
+PLAIN_ADAPTER, PLAIN_MODEL = "plain_adapter", "plain_model"
+
 # ---------------------------------------------------------------------------------------------------------------
 # Task and model
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     """Run every step (or, with ``resume``, the ones not done yet); returns {"rows", "table", "paths"}."""
     path = model_path(cfg)
     layers = check_against_model(cfg, path)
-    S.check_selection_files(cfg, layers)
+    S.check_selection_files(cfg, layers, path)
     if resume:
         S.check_file_specs(cfg, pathlib.Path(cfg.out) / "directions")
     out = open_run_folder(cfg, path, resume=resume, overwrite=overwrite)
@@ -305,6 +308,28 @@ def steer_search(runs: tuple, condition: str, folder: pathlib.Path) -> float:
     return chosen
 
 
+def save_plain_model(model, trainable: dict, recipe, tokenizer, discovery: pathlib.Path) -> pathlib.Path:
+    """The plain seed-0 fine-tune that discovery compares with the base, for the rankings run outside the pipeline
+    (`discover sae --ranking mean_diff`, `discover pca`): a PEFT adapter (``--adapter``) after LoRA, else a HF model
+    folder (``--tuned``). Written to a temporary folder first, so an interrupted export is redone, not left
+    half-written."""
+    import shutil
+
+    from caft_jax.export import export_merged, export_peft_adapter
+
+    folder = discovery / (PLAIN_ADAPTER if recipe.lora is not None else PLAIN_MODEL)
+    if folder.is_dir():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if recipe.lora is not None:
+        export_peft_adapter(trainable, recipe.lora, model.spec, partial)
+    else:
+        export_merged(model.replace(params=trainable), None, None, partial, tokenizer=tokenizer)
+    partial.rename(folder)
+    return folder
+
+
 def _one_run(
     cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log, steer_coeff: float = 0.0
 ) -> dict:
@@ -318,6 +343,8 @@ def _one_run(
         )
     recipe = cfg.train
     trainable, info = finetune(model, tokenizer, train, recipe, seed=seed, projector=projector, desc=condition)
+    if condition == "plain" and seed == 0:
+        save_plain_model(model, trainable, recipe, tokenizer, discovery)
     if condition == "plain" and not (discovery / "selection.json").is_file():
         log(f"discovery: {cfg.directions} directions at layers {layers}")
         summary = discover(cfg, model, tokenizer, train, val, trainable, layers, discovery)

@@ -1,6 +1,7 @@
 """The pipeline's selections, each one spec file in the discovery folder: the probe-guided (or concept) choice that
 discovery writes, and the others a condition may name (``caft@top5``, ``caft@human``): the first k PCs at every
-layer, or the PC ids of a file a person or an LLM wrote (``discover select --autointerp`` writes one).
+layer, the PC ids of a file a person or an LLM wrote (``discover select --autointerp`` writes one), or the decoder
+directions of SAE latents (a spec of ``discover select --sae``, used as it is).
 
 A selection other than the probe's is made from the saved PCs when a condition first needs it, so one can be added
 to a finished run with --resume. Each gets the probe's erasure check. A file selection's spec records the sha256 of
@@ -92,12 +93,13 @@ def ensure_spec(
     from caft_jax.discovery.pca import load_pca
     from caft_jax.discovery.select import SelectionError, from_selection_file, top_k_pcs
 
-    pcs, _ = load_pca(folder / "pca.safetensors")
     try:
-        if digest is None:
-            chosen = top_k_pcs(pcs, int(TOP_K_SELECTION.fullmatch(selection).group(1)))
+        if digest is not None and _holds_sae_latents(selection, files[selection]):
+            chosen = _sae_selection(files[selection])
+        elif digest is None:
+            chosen = top_k_pcs(load_pca(folder / "pca.safetensors")[0], int(TOP_K_SELECTION.fullmatch(selection)[1]))
         else:
-            chosen = from_selection_file(pcs, files[selection])
+            chosen = from_selection_file(load_pca(folder / "pca.safetensors")[0], files[selection])
     except SelectionError as e:
         raise ConfigError(f"selection {selection!r}: {e}") from None
     if cfg.mean_ablation:
@@ -112,13 +114,22 @@ def ensure_spec(
     return path
 
 
-def check_selection_files(cfg: PipelineConfig, layers: Sequence[int]) -> None:
-    """Refuse (before any model is loaded) a selection file that is missing, unreadable, or names a layer the run
-    does not discover at or a PC id beyond --n-components."""
+def check_selection_files(cfg: PipelineConfig, layers: Sequence[int], model_path: str) -> None:
+    """Refuse (before any model is loaded) a selection file that is missing or unreadable, a PC choice that names a
+    layer the run does not discover at or a PC id beyond --n-components, or SAE directions that do not fit the
+    model."""
     from caft_jax.discovery.select import SelectionError, read_selection
 
     for name, path in cfg.selection_files().items():
         _checked_digest(name, path)
+        if _holds_sae_latents(name, path):
+            _check_sae_spec(name, path, model_path)
+            continue
+        if cfg.directions != "pca":
+            raise ConfigError(
+                f"selection file {name}={path} picks PCs by id; use it with --directions pca (an SAE selection of "
+                "`discover select --sae` works with either)."
+            )
         try:
             chosen = read_selection(path)
         except SelectionError as e:
@@ -138,6 +149,40 @@ def check_selection_files(cfg: PipelineConfig, layers: Sequence[int]) -> None:
                 )
         if not any(chosen.values()):
             raise ConfigError(f"selection file {name}={path} picks no PC; give at least one id.")
+
+
+def _holds_sae_latents(name: str, path: str) -> bool:
+    """Whether the file is a spec of SAE decoder directions (used as they are) rather than a choice of PCs."""
+    from caft_jax.discovery.select import SAE_CANDIDATES, SelectionError, spec_candidates
+
+    if pathlib.Path(path).suffix not in (".safetensors", ".npz"):
+        return False
+    try:
+        return spec_candidates(path) == SAE_CANDIDATES
+    except SelectionError as e:
+        raise ConfigError(f"selection file {name}={path}: {e}") from None
+
+
+def _check_sae_spec(name: str, path: str, model_path: str) -> None:
+    from caft_jax.ablation_spec import check_ablation_spec
+    from caft_jax.errors import ProjectorError
+    from caft_jax.io.hf import model_spec
+
+    spec = model_spec(model_path)
+    try:
+        check_ablation_spec(path, n_layers=spec.n_layers, d_model=spec.d_model)
+    except ProjectorError as e:
+        raise ConfigError(f"selection file {name}={path}: {e}") from None
+
+
+def _sae_selection(path: str):
+    """The Selection of a spec of SAE decoder directions, as `discover select --sae` wrote it."""
+    from caft_jax.ablation_spec import load_ablation_spec
+    from caft_jax.discovery.select import Selection
+
+    directions, _, meta = load_ablation_spec(path)
+    ids = {int(layer): list(chosen) for layer, chosen in (meta.get("ids") or {}).items()} or None
+    return Selection(directions, None, ids, {k: v for k, v in meta.items() if k not in ("ids", "counts")})
 
 
 def check_file_specs(cfg: PipelineConfig, folder: pathlib.Path) -> None:
