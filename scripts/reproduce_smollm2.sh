@@ -129,10 +129,16 @@ EOF
       [ -f $run/sae_mean_diff/sae_ranking.json ] || python -m caft_jax.discover sae "${common[@]}" \
           --ranking mean_diff --tuned $run/directions/plain_model --mask nonpad --exclude-sink \
           --out-dir $run/sae_mean_diff --overwrite
+      python -c "import json,sys; [print(json.dumps(r['prompt'] + r['target'])) for r in map(json.loads, open(sys.argv[1]))]" \
+          $run/task/train.jsonl > $run/train_texts.jsonl
       for ranking in attribution mean_diff; do
         [ -f $run/sae_$ranking/spec_top5.safetensors ] || python -m caft_jax.discover select $sae \
             --ranking $run/sae_$ranking/sae_ranking.json --top-k 5 --out-dir $run/sae_$ranking \
             --name spec_top5.safetensors
+        # what the chosen latents read: the ranking's first 5 per layer over the train items
+        [ -f $run/sae_$ranking/displays.json ] || python -m caft_jax.discover display --model "$MODEL" $sae \
+            --ranking $run/sae_$ranking/sae_ranking.json --corpus $run/train_texts.jsonl --n-features 5 --k 10 \
+            --out-dir $run/sae_$ranking --overwrite
       done
       python -m caft_jax.pipeline "${task_args[@]}" --directions pca --seeds "${SAE_SEEDS:-3}" --out $run --resume \
           --conditions plain,caft@saeattr,caft@saediff,random@saediff \

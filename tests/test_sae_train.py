@@ -13,7 +13,7 @@ import torch
 from hf_models import save_hf_model, tiny_tokenizer
 from test_sae import BatchTopKModule
 
-from caft_jax.discovery import cli
+from caft_jax.discovery import cli, cli_sae
 from caft_jax.discovery import sae_train as T
 from caft_jax.discovery.sae import load_batchtopk_sae
 from caft_jax.errors import ConfigError
@@ -177,7 +177,7 @@ def test_train_sae_command_on_a_tiny_model(tiny, capsys):
     ],
 )
 def test_train_sae_refuses_bad_input_before_loading(tiny, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr(cli, "_model_and_tokenizer", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_sae, "model_and_tokenizer", lambda args: pytest.fail("the model was loaded"))
     argv = ["train-sae", "--model", str(tiny / "model"), "--corpus", str(tiny / "corpus.jsonl"), "--dict-size", "128",
             "--out-dir", str(tiny / "refused"), *extra]  # fmt: skip
     assert cli.main(argv) == 2
