@@ -133,10 +133,13 @@ def prepare(
     return resume
 
 
-def claim_files(out_dir: pathlib.Path, names, *, overwrite: bool, flag: str = "--overwrite") -> pathlib.Path:
+def claim_files(
+    out_dir: pathlib.Path, names, *, overwrite: bool, flag: str = "--overwrite", create: bool = True
+) -> pathlib.Path:
     """For one-shot commands that add named files to a shared folder: refuse (RunDirError) when any of ``names``
-    already exists there, unless ``overwrite``; creates the folder. Nothing is deleted here: the files are
-    replaced only when the command writes its results."""
+    already exists there, unless ``overwrite``; creates the folder unless ``create`` is False (a command that may
+    still refuse its other arguments checks first and claims once they pass). Nothing is deleted here: the files
+    are replaced only when the command writes its results."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"{out_dir} is a file, not a directory; choose another output directory.")
     existing = sorted(name for name in names if (out_dir / name).exists())
@@ -145,7 +148,8 @@ def claim_files(out_dir: pathlib.Path, names, *, overwrite: bool, flag: str = "-
             f"{out_dir} already holds {', '.join(existing)} from an earlier run; pass {flag} to replace "
             f"{'it' if len(existing) == 1 else 'them'}, or choose another output directory."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
 

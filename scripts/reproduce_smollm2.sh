@@ -9,9 +9,9 @@
 #           3 seeds; then displays of the 5 top PCs per layer, an autointerp choice by SmolLM2 behind `caft serve`,
 #           and in the same run folder CAFT with the top-5 PCs, with the person's choice
 #           (configs/selections/smollm2_gender_human.json, made from this run's PCs) and with the LLM's
-#   mcmc    plain / CAFT (probe-guided) / random / CAFT with the top-5 PCs on four MCMC pairs of the offline
-#           generators: verbs|sentiment with either question intended, sentiment|pronouns and verbs|pronouns;
-#           MCMC_SEEDS seeds (default 3)
+#   mcmc    plain / CAFT (probe-guided) / random / CAFT with the top-5 PCs on MCMC pairs of the offline
+#           generators: sentiment|pronouns and verbs|pronouns with either question intended, 3 seeds, and
+#           verbs|sentiment (sentiment intended), 1 seed; MCMC_SEEDS overrides the seeds of every pair
 #   sae_caft  CAFT with the top SAE latents of two rankings (attribution, mean difference) against random
 #           directions, on gender and on sentiment|pronouns, SAE_SEEDS seeds (default 3)
 #   compare the summary figure over the run folders (runs/smollm2/compare/compare.{md,png})
@@ -102,17 +102,19 @@ EOF
     took gender
     ;;
   mcmc)
-    for combo in "verbs sentiment 1" "verbs sentiment 0" "sentiment pronouns 0" "verbs pronouns 0"; do
-      read -r a b intended <<< "$combo"
+    # "a b intended seeds": verbs|sentiment gets one seed, its plain fine-tune does not fit on this recipe
+    for combo in "sentiment pronouns 0 3" "sentiment pronouns 1 3" "verbs pronouns 0 3" "verbs pronouns 1 3" \
+        "verbs sentiment 1 1"; do
+      read -r a b intended seeds <<< "$combo"
       run=$OUT/mcmc_${a}_${b}_${intended}_pca
       python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions pca \
-          --seeds "${MCMC_SEEDS:-3}" --conditions plain,caft,random,caft@top5 --out $run $(resume_flag $run)
+          --seeds "${MCMC_SEEDS:-$seeds}" --conditions plain,caft,random,caft@top5 --out $run $(resume_flag $run)
       took "mcmc $a|$b intended $intended"
     done
     ;;
   sae_caft)
     # CAFT with SAE latents' decoder directions (layers 9 and 18 of the sae step): a plain seed-0 fine-tune
-    # (the pipeline keeps it in directions/plain_model), two rankings of the latents over the task's train items,
+    # (--keep-plain keeps it in directions/plain_model), two rankings of the latents over the task's train items,
     # attribution of logit(intended) - logit(other) on the base model (the authors' spurious-task ranking) and the
     # mean latent difference fine-tuned minus base over all real tokens, then CAFT with each ranking's top 5
     # latents per layer and the random baseline with as many directions
@@ -121,7 +123,7 @@ EOF
       read -r task a b intended <<< "$combo"
       if [ "$task" = gender ]; then task_args=(--task gender); run=$OUT/gender_sae
       else task_args=(--task mcmc --a "$a" --b "$b" --intended "$intended"); run=$OUT/mcmc_${a}_${b}_${intended}_sae; fi
-      python -m caft_jax.pipeline "${task_args[@]}" --directions pca --seeds 1 --conditions plain --out $run \
+      python -m caft_jax.pipeline "${task_args[@]}" --directions pca --seeds 1 --conditions plain --keep-plain --out $run \
           $(resume_flag $run)
       common=(--model "$MODEL" $sae --data $run/task/train.jsonl --format mc --limit 256 --top-k 100)
       [ -f $run/sae_attribution/sae_ranking.json ] || python -m caft_jax.discover sae "${common[@]}" \

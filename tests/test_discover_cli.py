@@ -374,3 +374,23 @@ def test_sae_ranking_refuses_bad_arguments(setup, saes, extra, message):
                          "mc" if data == mc else "chat", *extra, "--out-dir", root / "bad")  # fmt: skip
     assert message in err
     assert not (root / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--pca", "PCA"], "select needs one of --selection, --top-k"),
+        (["--pca", "PCA", "--autointerp", "gender"], "--autointerp needs --displays"),
+        (["--sae", "SAE0"], "select --sae needs --ranking"),
+        (["--sae", "SAE0", "--top-k", "2", "--autointerp", "gender"], "--autointerp and --random-orthonormal choose"),
+    ],
+)
+def test_select_refusals_leave_no_output_folder(setup, saes, tmp_path, extra, message):
+    from caft_jax.discovery.pca import pca_exact, save_pca
+
+    rng = np.random.default_rng(0)
+    save_pca(tmp_path / "pcs.safetensors", {0: pca_exact(rng.normal(size=(50, 64)), n_components=4)})
+    values = {"PCA": tmp_path / "pcs.safetensors", "SAE0": f"0={saes[0]}"}
+    err = discover_fails("select", *[values.get(a, a) for a in extra], "--out-dir", tmp_path / "out")
+    assert message in err
+    assert not (tmp_path / "out").exists()

@@ -136,6 +136,7 @@ def test_run_writes_every_file(run):
         f"{c}_seed{s}.json" for c in CONDITIONS for s in (0, 1)
     )
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "directions" / runner.PLAIN_MODEL).exists()  # kept only with --keep-plain
     # the whole split is written (subsampling happens per run), from the --source templates
     sizes = {s: len(data.load_mc_jsonl(out / "task" / f"{s}.jsonl")) for s in ("train", "val", "test")}
     assert sizes == {"train": 32, "val": 8, "test": 8}
@@ -277,6 +278,29 @@ def test_resume_redoes_only_the_missing_run(run, monkeypatch, tmp_path):
         return [line for line in lines if line.startswith(("|", "Erasure"))]
 
     assert len(table(out)) == 7 and table(out) == table(run["out"])
+
+
+def test_keep_plain_exports_the_plain_fine_tune(run, tiny_model, short_source, compile_cache, tmp_path, capsys):
+    import transformers
+
+    out = tmp_path / "kept"
+    argv = pipeline_args(tiny_model, short_source, out, "--seeds", "1", "--conditions", "plain", "--keep-plain")
+    assert cli.main(argv) == 0
+    kept = transformers.AutoModelForCausalLM.from_pretrained(out / "directions" / runner.PLAIN_MODEL)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = [n for n, p in kept.state_dict().items() if not np.array_equal(p.numpy(), base.state_dict()[n].numpy())]
+    assert changed and len(kept.state_dict()) == len(base.state_dict())
+    assert not (out / "directions" / (runner.PLAIN_MODEL + ".partial")).exists()
+    # a finished run without it has nothing left to keep: refused before loading, nothing changed
+    copy = tmp_path / "not_kept"
+    shutil.copytree(run["out"], copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    argv = list(run["argv"])
+    argv[argv.index("--out") + 1] = str(copy)
+    assert cli.main([*argv, "--resume", "--keep-plain"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-plain" in err and "plain_seed0.json" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_changed_setting_is_refused(run, capsys):

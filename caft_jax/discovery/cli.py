@@ -162,10 +162,10 @@ def cmd_select(args) -> int:
 
     if bool(args.pca) == bool(args.sae):
         raise ConfigError("select chooses among PCs (--pca FILE) or SAE latents (--sae LAYER=PATH ...); give one.")
-    out = claim_outputs(args, args.name)
+    claim_outputs(args, args.name, create=False)  # refuse an existing output before any work; create it after
     if args.sae:
         chosen = select_latents(args)
-        path = chosen.save(out / args.name)
+        path = chosen.save(claim_outputs(args, args.name) / args.name)
         print(f"wrote {path} ({chosen.counts()} SAE decoder directions per layer)")
         return 0
     pcs = load_pca(args.pca)
@@ -180,17 +180,17 @@ def cmd_select(args) -> int:
         d_model = next(iter(pcs[0].values())).components.shape[1]
         chosen = select.random_orthonormal(d_model, {k: len(v) for k, v in counts.items()}, seed=args.seed)
     elif args.autointerp:
-        chosen = _autointerp_selection(args, pcs, out)
+        chosen = _autointerp_selection(args, pcs)
     else:
         raise ConfigError(
             "select needs one of --selection, --top-k, --random-like, --random-orthonormal or --autointerp."
         )
-    path = chosen.save(out / args.name)
+    path = chosen.save(claim_outputs(args, args.name) / args.name)
     print(f"wrote {path} ({chosen.counts()} directions per layer)")
     return 0
 
 
-def _autointerp_selection(args, pcs, out: pathlib.Path):
+def _autointerp_selection(args, pcs):
     """Explain and score the --displays features with an OpenAI-compatible explainer; keep those >= threshold."""
     from caft_jax.discovery import autointerp
     from caft_jax.discovery.display_report import load_display_json, with_explanations, write_display_report
@@ -200,6 +200,7 @@ def _autointerp_selection(args, pcs, out: pathlib.Path):
         raise ConfigError("--autointerp needs --displays (the displays.json that `discover display` wrote).")
     if args.autointerp_timeout <= 0:
         raise ConfigError(f"--autointerp-timeout must be a positive number of seconds; got {args.autointerp_timeout}.")
+    out = claim_outputs(args, args.name)
     client = autointerp.autointerp_client(
         args.autointerp_base_url,
         args.autointerp_model,

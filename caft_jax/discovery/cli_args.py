@@ -15,11 +15,12 @@ def layer_list(text: str) -> list[int]:
         raise ConfigError(f"--layers must be comma-separated integers like 3,6,9; got {text!r}.") from e
 
 
-def claim_outputs(args, *names: str) -> pathlib.Path:
-    """--out-dir, after checking that none of the files this command writes exists there (unless --overwrite)."""
+def claim_outputs(args, *names: str, create: bool = True) -> pathlib.Path:
+    """--out-dir, after checking that none of the files this command writes exists there (unless --overwrite);
+    created unless ``create`` is False."""
     from caft_jax.rundir import claim_files
 
-    return claim_files(pathlib.Path(args.out_dir), names, overwrite=args.overwrite)
+    return claim_files(pathlib.Path(args.out_dir), names, overwrite=args.overwrite, create=create)
 
 
 def checked_layers(args, layers) -> list[int]:

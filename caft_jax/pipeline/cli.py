@@ -120,6 +120,13 @@ def build_parser(prog: str = "python -m caft_jax.pipeline") -> argparse.Argument
         "any other may name its directions, e.g. caft@top5 (first 5 PCs per layer), caft@human (--selection-file "
         "human=F), random@top5 (random with top5's counts); bare names use the probe-guided or concept selection",
     )
+    add(
+        "--keep-plain",
+        action=argparse.BooleanOptionalAction,
+        help="keep the plain seed-0 fine-tune in directions/plain_model (full fine-tuning: a HF model folder the size "
+        "of the model) or directions/plain_adapter (LoRA), for `discover sae --ranking mean_diff --tuned` and "
+        "`discover pca`; off by default",
+    )
     add("--steer-coeffs", help=f"steer: coefficients tried on the validation split (default {defaults.steer_coeffs})")
     return p
 

@@ -105,6 +105,7 @@ class PipelineConfig:
     displays: int = 8
     conditions: str = DEFAULT_CONDITIONS
     steer_coeffs: str = "4,16,64"
+    keep_plain: bool = False  # export the plain seed-0 fine-tune for rankings outside the pipeline (~4 bytes/param)
     train: TrainConfig = dataclasses.field(default_factory=default_recipe)
 
     def check(self) -> PipelineConfig:
@@ -201,7 +202,11 @@ class PipelineConfig:
 
     def experiment(self) -> dict:
         """The values that define the results (not where they go): a resumed run must match these."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("out", "train")}
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("out", "train", "keep_plain")
+        }
         recipe = {k: v for k, v in config_to_dict(self.train).items() if k not in PIPELINE_OWNS}
         return {**values, "train": recipe}
 

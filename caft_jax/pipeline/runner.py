@@ -233,6 +233,7 @@ def run_pipeline(cfg: PipelineConfig, *, resume: bool = False, overwrite: bool =
     S.check_selection_files(cfg, layers, path)
     if resume:
         S.check_file_specs(cfg, pathlib.Path(cfg.out) / "directions")
+        check_plain_kept(cfg)
     out = open_run_folder(cfg, path, resume=resume, overwrite=overwrite)
     _compile_cache(out / ".jax_cache")
     splits = build_task(cfg, out / "task")
@@ -330,6 +331,18 @@ def save_plain_model(model, trainable: dict, recipe, tokenizer, discovery: pathl
     return folder
 
 
+def check_plain_kept(cfg: PipelineConfig) -> None:
+    """--keep-plain on a resumed run whose plain seed-0 fine-tune finished without it: nothing is left to export."""
+    out = pathlib.Path(cfg.out)
+    finished = (out / "runs" / "plain_seed0.json").is_file()
+    kept = any((out / "directions" / name).is_dir() for name in (PLAIN_ADAPTER, PLAIN_MODEL))
+    if cfg.keep_plain and finished and not kept:
+        raise ConfigError(
+            f"--keep-plain: the plain seed-0 run in {out} finished without it, so its fine-tune is gone; delete "
+            f"{out}/runs/plain_seed0.json and rerun with --resume --keep-plain to redo that run (same result)."
+        )
+
+
 def _one_run(
     cfg, condition, seed, model, tokenizer, train, val, test, layers, discovery, log, steer_coeff: float = 0.0
 ) -> dict:
@@ -343,7 +356,7 @@ def _one_run(
         )
     recipe = cfg.train
     trainable, info = finetune(model, tokenizer, train, recipe, seed=seed, projector=projector, desc=condition)
-    if condition == "plain" and seed == 0:
+    if condition == "plain" and seed == 0 and cfg.keep_plain:
         save_plain_model(model, trainable, recipe, tokenizer, discovery)
     if condition == "plain" and not (discovery / "selection.json").is_file():
         log(f"discovery: {cfg.directions} directions at layers {layers}")
