@@ -11,7 +11,12 @@
 #           (configs/selections/smollm2_gender_human.json, made from this run's PCs) and with the LLM's
 #   mcmc    plain / CAFT (probe-guided) / random / CAFT with the top-5 PCs on MCMC pairs of the offline
 #           generators: sentiment|pronouns and verbs|pronouns with either question intended, 3 seeds, and
-#           verbs|sentiment (sentiment intended), 1 seed; MCMC_SEEDS overrides the seeds of every pair
+#           verbs|sentiment (sentiment intended), 1 seed; on sentiment|pronouns and verbs|pronouns (first question
+#           intended) also the displays of the 5 top PCs per layer and CAFT with a person's choice from them
+#           (configs/selections/smollm2_mcmc_*_human.json); on sentiment|pronouns the LLM's choice, the erasure of
+#           the pronoun by each set (runs/smollm2/mcmc_sentiment_pronouns_0_pca/erasure) and CAFT with supervised
+#           LEACE directions of the pronoun label (mcmc_sentiment_pronouns_0_concept); MCMC_SEEDS overrides the
+#           seeds of every pair
 #   sae_caft  CAFT with the top SAE latents of two rankings (attribution, mean difference) against random
 #           directions, on gender and on sentiment|pronouns, SAE_SEEDS seeds (default 3)
 #   compare the summary figure over the run folders (runs/smollm2/compare/compare.{md,png})
@@ -32,6 +37,81 @@ mkdir -p $OUT
 START=$(date +%s)
 took() { echo "[reproduce_smollm2] $1 done at $(( $(date +%s) - START )) s"; }
 resume_flag() { [ -f "$1/manifest.json" ] && echo --resume || echo; }
+
+# one text per line, prompt + answer letter, of a run's train items
+train_texts() {
+  [ -f $1/train_texts.jsonl ] || python -c \
+      "import json,sys; [print(json.dumps(r['prompt'] + r['target'])) for r in map(json.loads, open(sys.argv[1]))]" \
+      $1/task/train.jsonl > $1/train_texts.jsonl
+}
+# what a person reads to choose: the 5 top PCs at every discovery layer of a run, over its train items
+human_displays() {
+  train_texts $1
+  [ -f $1/human_displays/displays.json ] || python -m caft_jax.discover display --model "$MODEL" \
+      --pca $1/directions/pca.safetensors --corpus $1/train_texts.jsonl --n-features 5 --out-dir $1/human_displays \
+      --overwrite
+}
+# an LLM's choice from the same displays: SmolLM2 itself behind `caft serve` (port $2) as explainer and scorer,
+# asked for the concept $3; a failure is kept in autointerp/failed.txt and reported, not retried
+autointerp() {
+  local run=$1 port=$2 concept=$3
+  [ -f $run/autointerp/spec_autointerp.safetensors ] || [ -f $run/autointerp/failed.txt ] && return
+  python -m caft_jax.serve --model "$MODEL" --port $port > $run/serve.log 2>&1 &
+  local server=$!
+  trap "kill $server 2>/dev/null || true" EXIT
+  mkdir -p $run/autointerp
+  until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/v1/models')" 2> /dev/null; do
+    sleep 5
+  done
+  OPENAI_API_KEY=local python -m caft_jax.discover select --pca $run/directions/pca.safetensors \
+      --displays $run/human_displays/displays.json --autointerp-base-url http://127.0.0.1:$port/v1 \
+      --autointerp "$concept" --autointerp-model base --autointerp-score text --autointerp-timeout 1200 \
+      --out-dir $run/autointerp --name spec_autointerp.safetensors --overwrite \
+      2> >(tee $run/autointerp/stderr.txt >&2) || tail -1 $run/autointerp/stderr.txt > $run/autointerp/failed.txt
+  kill $server 2>/dev/null || true
+}
+# how much of the spurious concept a set of directions holds: a linear probe for the spurious label on held-out
+# items (val + test, pooled over real tokens, `discover check`) before and after removing the top-5 and all 20
+# difference PCs per layer, the person's PCs, and, for reference, LEACE directions fitted to the label on the train
+# items (`discover concept`); one erasure_check.json per set under $1/erasure
+erasure_sets() {
+  local run=$1 dir=$1/erasure
+  [ -f $dir/check_leace/erasure_check.json ] && return
+  mkdir -p $dir
+  python - $run <<'PY'
+import json, sys
+run = sys.argv[1]
+def write(name, splits):
+    with open(f"{run}/erasure/labelled_{name}.jsonl", "w") as out:
+        for split in splits:
+            for line in open(f"{run}/task/{split}.jsonl"):
+                item = json.loads(line)
+                out.write(json.dumps({"prompt": item["prompt"] + item["target"], "label": item["spurious_label"]}) + "\n")
+write("train", ["train"])
+write("heldout", ["val", "test"])
+PY
+  for k in 5 20; do
+    python -m caft_jax.discover select --pca $run/directions/pca.safetensors --top-k $k --out-dir $dir \
+        --name spec_top$k.safetensors --overwrite
+  done
+  python -m caft_jax.discover concept --model "$MODEL" --labelled $dir/labelled_train.jsonl --layers 0,3,6,9,12,15,18,21,24,27 \
+      --method leace --out-dir $dir/leace --overwrite
+  for set in top5=$dir/spec_top5.safetensors top20=$dir/spec_top20.safetensors \
+      human=$run/directions/spec_human.safetensors leace=$(ls $dir/leace/*.safetensors | head -1); do
+    python -m caft_jax.discover check --model "$MODEL" --spec ${set#*=} --labelled $dir/labelled_heldout.jsonl \
+        --out-dir $dir/check_${set%%=*} --overwrite
+  done
+}
+# the pipeline's --conditions and --selection-file for a run's conditions $2 plus the person's choice (file $3) and
+# the LLM's (when autointerp kept any PC)
+chosen_conditions() {
+  local conditions=$2,caft@human files=human=$3
+  if [ -f $1/autointerp/spec_autointerp.safetensors ]; then
+    conditions=$conditions,caft@autointerp
+    files=$files,autointerp=$1/autointerp/spec_autointerp.safetensors
+  fi
+  echo --conditions $conditions --selection-file $files
+}
 
 for step in "${STEPS[@]}"; do
   case $step in
@@ -67,39 +147,11 @@ EOF
   gender)
     run=$OUT/gender_pca
     python -m caft_jax.pipeline --task gender --directions pca --seeds 3 --out $run $(resume_flag $run)
-    # what a person reads to choose: the 5 top PCs at every discovery layer over the train items
-    if [ ! -f $run/human_displays/displays.json ]; then
-      python -c "import json,sys; [print(json.dumps(r['prompt'] + r['target'])) for r in map(json.loads, open(sys.argv[1]))]" \
-          $run/task/train.jsonl > $OUT/gender_train_texts.jsonl
-      python -m caft_jax.discover display --model "$MODEL" --pca $run/directions/pca.safetensors \
-          --corpus $OUT/gender_train_texts.jsonl --n-features 5 --out-dir $run/human_displays --overwrite
-    fi
-    # an LLM's choice from the same displays: SmolLM2 itself behind `caft serve` as explainer and scorer
-    if [ ! -f $run/autointerp/spec_autointerp.safetensors ] && [ ! -f $run/autointerp/failed.txt ]; then
-      python -m caft_jax.serve --model "$MODEL" --port 8011 > $OUT/serve.log 2>&1 &
-      server=$!
-      trap 'kill $server 2>/dev/null || true' EXIT
-      mkdir -p $run/autointerp
-      until python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/v1/models')" 2> /dev/null; do
-        sleep 5
-      done
-      OPENAI_API_KEY=local python -m caft_jax.discover select --pca $run/directions/pca.safetensors \
-          --displays $run/human_displays/displays.json --autointerp-base-url http://127.0.0.1:8011/v1 \
-          --autointerp "the gender of a person: male or female professions and pronouns (doctor, nurse, he, she), not the grammatical case of the pronoun" \
-          --autointerp-model base --autointerp-score text --autointerp-timeout 1200 --out-dir $run/autointerp \
-          --name spec_autointerp.safetensors --overwrite 2> >(tee $run/autointerp/stderr.txt >&2) \
-        || tail -1 $run/autointerp/stderr.txt > $run/autointerp/failed.txt
-      kill $server 2>/dev/null || true
-    fi
+    human_displays $run
+    autointerp $run 8011 "the gender of a person: male or female professions and pronouns (doctor, nurse, he, she), not the grammatical case of the pronoun"
     # the same run folder, with the top-PCs baseline and the person's and the LLM's choices (plain runs reused)
-    conditions=plain,caft,random,caft@top5,caft@human
-    files=human=configs/selections/smollm2_gender_human.json
-    if [ -f $run/autointerp/spec_autointerp.safetensors ]; then
-      conditions=$conditions,caft@autointerp
-      files=$files,autointerp=$run/autointerp/spec_autointerp.safetensors
-    fi
     python -m caft_jax.pipeline --task gender --directions pca --seeds 3 --out $run --resume \
-        --conditions $conditions --selection-file $files
+        $(chosen_conditions $run plain,caft,random,caft@top5 configs/selections/smollm2_gender_human.json)
     took gender
     ;;
   mcmc)
@@ -113,6 +165,25 @@ EOF
       run=$OUT/mcmc_${a}_${b}_${intended}_pca
       python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions pca \
           --seeds "${MCMC_SEEDS:-$seeds}" --conditions $conditions --out $run $(resume_flag $run)
+      # the person's choice, where one was made from this run's human_displays, in the same run folder; on
+      # sentiment|pronouns (sentiment intended) also the LLM's, the erasure of the pronoun by each set of
+      # directions, and the supervised reference: CAFT with LEACE directions of the pronoun label
+      human=configs/selections/smollm2_mcmc_${a}_${b}_${intended}_human.json
+      studied=$([ "$a $b $intended" = "sentiment pronouns 0" ] && echo yes || echo no)
+      if [ -f $human ]; then
+        human_displays $run
+        if [ $studied = yes ]; then
+          autointerp $run 8012 "personal pronouns (he, she, they, him, her, them) and which of them fills the blank in a sentence about a person, not the sentiment of a sentence"
+        fi
+        python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions pca \
+            --seeds "${MCMC_SEEDS:-$seeds}" --out $run --resume $(chosen_conditions $run $conditions $human)
+      fi
+      if [ $studied = yes ]; then
+        erasure_sets $run
+        concept=${run%_pca}_concept
+        python -m caft_jax.pipeline --task mcmc --a $a --b $b --intended $intended --directions concept \
+            --seeds "${MCMC_SEEDS:-$seeds}" --conditions plain,caft --out $concept $(resume_flag $concept)
+      fi
       took "mcmc $a|$b intended $intended"
     done
     ;;
@@ -135,8 +206,7 @@ EOF
       [ -f $run/sae_mean_diff/sae_ranking.json ] || python -m caft_jax.discover sae "${common[@]}" \
           --ranking mean_diff --tuned $run/directions/plain_model --mask nonpad --exclude-sink \
           --out-dir $run/sae_mean_diff --overwrite
-      python -c "import json,sys; [print(json.dumps(r['prompt'] + r['target'])) for r in map(json.loads, open(sys.argv[1]))]" \
-          $run/task/train.jsonl > $run/train_texts.jsonl
+      train_texts $run
       for ranking in attribution mean_diff; do
         [ -f $run/sae_$ranking/spec_top5.safetensors ] || python -m caft_jax.discover select $sae \
             --ranking $run/sae_$ranking/sae_ranking.json --top-k 5 --out-dir $run/sae_$ranking \

@@ -28,8 +28,9 @@ from caft_jax.discovery.capture import capture_sequences
 from caft_jax.errors import ConfigError, DataError
 from caft_jax.optim import OptimConfig
 from caft_jax.pipeline import cli, report, runner
-from caft_jax.pipeline.config import default_recipe
+from caft_jax.pipeline.config import PipelineConfig, default_recipe, parse_layers
 from caft_jax.pipeline.runs import finetune, mc_examples
+from caft_jax.pipeline.selections import check_selection_files
 from caft_jax.projector import ablate, build_projector
 from caft_jax.sharding import make_mesh
 from caft_jax.tasks import gender
@@ -399,6 +400,19 @@ def test_bad_selection_file_is_refused_before_loading(tiny_model, tmp_path, caps
     assert not (out / "runs").exists()
 
 
+def test_committed_person_selections_pass_the_pipeline_checks():
+    """The person's choices scripts/reproduce_smollm2.sh hands the pipeline: one reason per picked PC, and the
+    pipeline's own refusals (the default discovery layers of SmolLM2's 30, the default PC count) accept them."""
+    files = sorted(pathlib.Path(__file__).parents[1].glob("configs/selections/*.json"))
+    assert len(files) >= 2
+    for path in files:
+        doc = json.loads(path.read_text())
+        picked = {f"{layer}.{i}" for layer, ids in doc["layers"].items() for i in ids}
+        assert set(doc["reasons"]) == picked and all(reason.strip() for reason in doc["reasons"].values()), path
+        cfg = PipelineConfig(directions="pca", conditions="plain,caft@human", selection_file=f"human={path}")
+        check_selection_files(cfg, parse_layers(cfg.layers, 30), model_path="")
+
+
 def test_selection_names_in_conditions_are_checked(tmp_path, capsys):
     out = str(tmp_path / "o")
     cases = [
@@ -763,8 +777,8 @@ def test_conditions_must_be_known_and_start_with_plain(tmp_path, capsys):
 
 def test_compare_summarizes_runs_per_condition(run, tmp_path, capsys):
     """compare.md holds each run's OOD accuracy per condition as mean ± s.e. over seeds (the same numbers as the
-    run's own runs/*.json), an MCMC run labelled by its pair and intended question; a folder without results is
-    one line and exit 2."""
+    run's own runs/*.json), an MCMC run labelled by its pair and intended question (and its folder, beside another
+    folder of the pair); a folder without results is one line and exit 2."""
     from caft_jax.pipeline import compare
 
     mcmc = tmp_path / "mcmc_run"
@@ -772,7 +786,9 @@ def test_compare_summarizes_runs_per_condition(run, tmp_path, capsys):
     manifest = json.loads((mcmc / "manifest.json").read_text())
     manifest["recipe"].update(task="mcmc", a="verbs", b="sentiment", intended=0)
     (mcmc / "manifest.json").write_text(json.dumps(manifest))
-    assert compare.main([str(run["out"]), str(mcmc), "--out", str(tmp_path / "cmp")]) == 0
+    again = tmp_path / "mcmc_again"  # a second folder of the same pair: its own row, seeds not pooled
+    shutil.copytree(mcmc, again)
+    assert compare.main([str(run["out"]), str(mcmc), str(again), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text()
     runs = read_runs(run["out"])
     base = json.loads((run["out"] / "base.json").read_text())
@@ -780,10 +796,11 @@ def test_compare_summarizes_runs_per_condition(run, tmp_path, capsys):
     cells += [f"{mean_sem([runs[(c, s)]['test'] for s in range(2)])} (2)" for c in CONDITIONS]
     assert "| run | base | plain | caft | random |" in table
     assert f"| gender | {' | '.join(cells)} |" in table
-    assert f"| verbs/sentiment: verbs intended | {' | '.join(cells)} |" in table
+    for folder in ("mcmc_run", "mcmc_again"):
+        assert f"| verbs/sentiment: verbs intended ({folder}) | {' | '.join(cells)} |" in table
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert len(rows) == 2 * (1 + len(CONDITIONS) * 2)
+    assert len(rows) == 3 * (1 + len(CONDITIONS) * 2)
     capsys.readouterr()
     assert compare.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp2")]) == 2
     err = capsys.readouterr().err

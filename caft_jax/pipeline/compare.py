@@ -28,16 +28,22 @@ def run_label(experiment: dict) -> str:
 
 def comparison_rows(run_dirs: Sequence[str | pathlib.Path]) -> list[dict]:
     """One row per run folder, seed and condition ({"run", "condition", "seed", "accuracy" (test), "val"}), the
-    base model as condition "base"."""
-    rows = []
-    for folder in map(pathlib.Path, run_dirs):
+    base model as condition "base". Folders of the same task or pair (e.g. PCA and concept directions) are told
+    apart by their folder names, so their seeds are never pooled."""
+    folders, recipes = [pathlib.Path(d) for d in run_dirs], []
+    for folder in folders:
         manifest, results = read_json(folder / "manifest.json"), read_json(folder / "results.json")
         if manifest is None or results is None:
             raise ConfigError(
                 f"{folder} holds no finished pipeline run (manifest.json and results.json); run "
                 "`python -m caft_jax.pipeline` there first, or --resume it."
             )
-        label = run_label(manifest["recipe"])
+        recipes.append((manifest["recipe"], results))
+    labels = [run_label(recipe) for recipe, _ in recipes]
+    rows = []
+    for folder, label, (_, results) in zip(folders, labels, recipes, strict=True):
+        if labels.count(label) > 1:
+            label = f"{label} ({folder.name})"
         base = read_json(folder / "base.json")
         if base is not None:
             rows.append({"run": label, "condition": "base", "seed": None, "accuracy": base["test"], "val": base["val"]})
