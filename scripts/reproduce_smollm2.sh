@@ -22,7 +22,8 @@
 #   compare the summary figure over the run folders (runs/smollm2/compare/compare.{md,png})
 # Times on 2 CPU cores (AMD EPYC, 2 Dec 2026): a gender fine-tune of 64 steps ~3-5 min, the gender step ~75 min;
 # sae ~40 min (the capture of ~100k tokens once, then 488 steps per layer); mcmc ~3.1 min per fine-tune (3 Dec),
-# ~38 min per 3-seed pair.
+# ~38 min per 3-seed pair; on sentiment|pronouns the displays ~2 min, autointerp ~30 min, the erasure sets ~16 min
+# and the LEACE reference 6 fine-tunes (3 Dec, beside other runs).
 #   bash scripts/reproduce_smollm2.sh [sae] [gender] [mcmc] [sae_caft] [compare]      (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
