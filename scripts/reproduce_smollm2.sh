@@ -98,7 +98,7 @@ PY
   python -m caft_jax.discover concept --model "$MODEL" --labelled $dir/labelled_train.jsonl --layers 0,3,6,9,12,15,18,21,24,27 \
       --method leace --out-dir $dir/leace --overwrite
   for set in top5=$dir/spec_top5.safetensors top20=$dir/spec_top20.safetensors \
-      human=$run/directions/spec_human.safetensors leace=$(ls $dir/leace/*.safetensors | head -1); do
+      human=$run/directions/spec_human.safetensors leace=$dir/leace/ablation_spec.safetensors; do
     python -m caft_jax.discover check --model "$MODEL" --spec ${set#*=} --labelled $dir/labelled_heldout.jsonl \
         --out-dir $dir/check_${set%%=*} --overwrite
   done
